@@ -1,0 +1,295 @@
+"""The ``srcsm`` command: segment, source-match, manage models, run the demo.
+
+Exit codes: 0 success, 1 unexpected failure (a bug: please report it), 2 bad input or model (the
+message says what to fix), 130 cancelled. Progress goes to stderr (a bar, or ``--progress json``
+lines for the Slicer module); results are never written partially (atomic writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import CancelledError, InputError, ModelPackageError, SRCSMError
+
+DEFAULT_MODEL = "abdomen-ct-srcsm"
+SEG_SUFFIX = ".seg.nrrd"
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                   help="progress on stderr: a bar (default), JSON lines (for the Slicer module) or nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="srcsm",
+        description="Segment medical images from domains the model never saw (SRCSM: semantic-aware random "
+                    "convolution + source matching).",
+    )
+    parser.add_argument("--version", action="version", version=f"srcsm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment a volume into a .seg.nrrd (Slicer) or a labelmap")
+    s.add_argument("input", help="NIfTI, NRRD, MHA file or a DICOM series folder")
+    s.add_argument("output", help="OUTPUT.seg.nrrd (segments with names/colours/terminology) or a labelmap "
+                                   ".nii.gz/.nrrd/.mha")
+    s.add_argument("--model", default=None, help=f"catalogue id or package path (default: {DEFAULT_MODEL})")
+    s.add_argument("--no-source-matching", action="store_true", help="skip source matching (SM)")
+    s.add_argument("--target-modality", choices=["auto", "CT", "MR"], default="auto",
+                   help="modality of the INPUT (decides the SM preprocessing rule); auto: CT if it holds HU air")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    s.add_argument("--keep-largest", action="store_true", help="keep only the largest component of each label")
+    s.add_argument("--roi-ras", type=float, nargs=6, metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
+                   help="limit the work to a box given by two opposite corners in RAS millimetres")
+    s.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _add_common(s)
+
+    m = sub.add_parser("match", help="write the source-matched image (what the network sees, before normalisation)")
+    m.add_argument("input")
+    m.add_argument("output", help=".nii.gz, .nrrd or .mha")
+    m.add_argument("--model", default=None, help=f"catalogue id or package path (default: {DEFAULT_MODEL})")
+    m.add_argument("--target-modality", choices=["auto", "CT", "MR"], default="auto")
+    m.add_argument("--overwrite", action="store_true")
+    _add_common(m)
+
+    ms = sub.add_parser("models", help="list, inspect, install or remove model packages")
+    msub = ms.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="bundled, installed and downloadable models")
+    ml.add_argument("--json", action="store_true", help="machine-readable output")
+    mi = msub.add_parser("info", help="the model card of a model")
+    mi.add_argument("model", help="catalogue id or package path")
+    mi.add_argument("--json", action="store_true")
+    mn = msub.add_parser("install", help="install a model: a package .zip/folder (offline) or a downloadable id")
+    mn.add_argument("source")
+    mn.add_argument("--sha256", default=None, help="expected sha256 of the zip (verified before installing)")
+    mn.add_argument("--overwrite", action="store_true")
+    mr = msub.add_parser("remove", help="remove a user-installed model")
+    mr.add_argument("model")
+
+    d = sub.add_parser("demo", help="segment the bundled MR sample with the bundled CT-trained model")
+    d.add_argument("--output-dir", default="srcsm-demo", help="where to write the result (default: ./srcsm-demo)")
+    d.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto")
+    _add_common(d)
+    return parser
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _catalog():
+    from .catalog import Catalog
+
+    return Catalog()
+
+
+def _output_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(SEG_SUFFIX):
+        return "seg"
+    if name.endswith(LABELMAP_SUFFIXES):
+        return "labelmap"
+    raise InputError(
+        f"Cannot tell the output format from '{path.name}'. End the name with .seg.nrrd (Slicer segmentation) "
+        f"or .nii.gz / .nrrd / .mha (labelmap)."
+    )
+
+
+def _check_output(path: Path, overwrite: bool, input_path: Path | None = None) -> None:
+    if input_path is not None and path.resolve() == input_path.resolve():
+        raise InputError("OUTPUT is the same file as INPUT; refusing to overwrite the input. Choose another name.")
+    if path.exists() and not overwrite:
+        raise InputError(f"'{path}' already exists. Choose another output name or pass --overwrite.")
+
+
+def _roi_bounds(roi_ras: Sequence[float] | None):
+    if roi_ras is None:
+        return None
+    import numpy as np
+
+    a = np.array(roi_ras[:3]) * [-1, -1, 1]
+    b = np.array(roi_ras[3:]) * [-1, -1, 1]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    if np.any(hi - lo <= 0):
+        raise InputError("--roi-ras describes an empty box; give two opposite corners.")
+    return lo, hi
+
+
+class _CancelOnSignal:
+    """SIGTERM/SIGINT set a flag that the segmenter polls, so a cancelled run stops cleanly (and the
+    atomic writer leaves no partial file)."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handler)
+            except (ValueError, OSError):  # not in the main thread
+                pass
+
+    def _handler(self, signum, frame) -> None:  # noqa: ANN001
+        if self.flag:  # second signal: stop right away
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __call__(self) -> bool:
+        return self.flag
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_segment(args: argparse.Namespace, reporter) -> int:
+    from .image import read_volume
+    from .inference import Segmenter
+    from .segio import write_labelmap, write_seg_nrrd
+
+    out = Path(args.output)
+    kind = _output_kind(out)
+    _check_output(out, args.overwrite, Path(args.input))
+    package = _catalog().resolve(args.model or DEFAULT_MODEL)
+    reporter(0.0, "Reading the input")
+    volume = read_volume(args.input)
+    segmenter = Segmenter(package, device=args.device, precision=args.precision, progress=reporter,
+                          cancel=_CancelOnSignal())
+    result = segmenter.segment(volume, source_matching=not args.no_source_matching,
+                               target_modality=args.target_modality, keep_largest=args.keep_largest,
+                               roi_bounds=_roi_bounds(args.roi_ras))
+    for msg in result.messages:
+        reporter.message(msg, "warning")
+    if kind == "seg":
+        write_seg_nrrd(result.labelmap, package.card.labels, out, overwrite=True)
+    else:
+        write_labelmap(result.labelmap, out, overwrite=True)
+    counts = {lab.name: int((result.labelmap.array == lab.value).sum()) for lab in package.card.labels.labels}
+    reporter.done(output=str(out.resolve()), model=package.id, device=result.device, precision=result.precision,
+                  source_matching=result.source_matching, seconds=round(result.timings["total_s"], 2),
+                  voxels=counts)
+    if reporter.mode != "json":
+        print(f"Wrote {out} ({package.id}, {result.device}/{result.precision}, "
+              f"{result.timings['total_s']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_match(args: argparse.Namespace, reporter) -> int:
+    from .image import read_volume, write_volume
+    from .matching import match
+
+    out = Path(args.output)
+    _check_output(out, args.overwrite, Path(args.input))
+    package = _catalog().resolve(args.model or DEFAULT_MODEL)
+    reporter(0.1, "Reading the input")
+    volume = read_volume(args.input)
+    reporter(0.5, "Source matching")
+    matched = match(volume, package.card.source_profile, args.target_modality)
+    write_volume(matched, out, overwrite=True)
+    reporter.done(output=str(out.resolve()), model=package.id)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    cat = _catalog()
+    if args.models_command == "list":
+        entries = cat.entries()
+        if args.json:
+            print(json.dumps([{"id": e.id, "name": e.name, "origin": e.origin,
+                               "path": str(e.path) if e.path else None,
+                               "modality": e.card.source.modality if e.card else None,
+                               "labels": e.card.labels.names() if e.card else None,
+                               "url": e.download.url if e.download else None} for e in entries], indent=2))
+            return 0
+        if not entries:
+            print("No models found. Install one with `srcsm models install FILE.zip`.")
+            return 0
+        width = max(len(e.id) for e in entries)
+        for e in entries:
+            what = (f"{e.card.source.modality:<3} {', '.join(e.card.labels.names())}" if e.card
+                    else (e.download.description if e.download else "unreadable package"))
+            print(f"{e.id:<{width}}  {e.origin:<12} {what}")
+        return 0
+    if args.models_command == "info":
+        card = cat.resolve(args.model).card
+        if args.json:
+            data = json.loads(card.model_dump_json())
+            data["source_profile"] = {k: v for k, v in data["source_profile"].items() if k not in ("values", "cdf")}
+            print(json.dumps(data, indent=2))
+            return 0
+        print(f"{card.name}  [{card.id} {card.version}]")
+        print(f"  {card.description}")
+        print(f"  source: {card.source.modality}{' ' + card.source.sequence if card.source.sequence else ''}; "
+              f"anatomy: {card.anatomy}")
+        print("  labels: " + ", ".join(f"{lab.value} {lab.name}" for lab in card.labels.labels))
+        print(f"  grid: {card.spacing} mm, patch {card.patch_size}; network {card.network.architecture}")
+        print(f"  training: {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
+              f"{card.provenance.date}")
+        for d in card.training_data:
+            print(f"  data: {d.name} ({d.cases} cases) — terms: {d.terms}")
+        print(f"  licence: {card.license}")
+        if card.metrics:
+            print("  metrics: " + json.dumps(card.metrics))
+        if card.performance:
+            print("  performance: " + json.dumps(card.performance))
+        return 0
+    if args.models_command == "install":
+        entry = cat.install(args.source, expected_sha256=args.sha256, overwrite=args.overwrite)
+        print(f"Installed '{entry.id}' to {entry.path}")
+        return 0
+    if args.models_command == "remove":
+        path = cat.remove(args.model)
+        print(f"Removed '{args.model}' ({path})")
+        return 0
+    return 1
+
+
+def cmd_demo(args: argparse.Namespace, reporter) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.output_dir), device=args.device, reporter=reporter)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .progress import ProgressReporter
+
+    mode = getattr(args, "progress", "none")
+    if mode == "bar" and not sys.stderr.isatty():
+        mode = "none"  # no carriage-return garbage in logs
+    reporter = ProgressReporter(mode)
+    try:
+        if args.command == "segment":
+            return cmd_segment(args, reporter)
+        if args.command == "match":
+            return cmd_match(args, reporter)
+        if args.command == "models":
+            return cmd_models(args)
+        if args.command == "demo":
+            return cmd_demo(args, reporter)
+    except CancelledError as exc:
+        reporter.error(str(exc), "CancelledError")
+        return 130
+    except KeyboardInterrupt:
+        reporter.error("Interrupted.", "CancelledError")
+        return 130
+    except (InputError, ModelPackageError, SRCSMError) as exc:
+        reporter.error(str(exc), type(exc).__name__)
+        return 2
+    except MemoryError:
+        reporter.error("Out of memory. Use a region of interest (--roi-ras) or a machine with more RAM.",
+                       "MemoryError")
+        return 2
+    except Exception as exc:  # noqa: BLE001 — last resort: report instead of a raw traceback in the GUI
+        import traceback
+
+        reporter.error(f"Unexpected error: {exc!r}. Please report it with this trace:\n{traceback.format_exc()}",
+                       type(exc).__name__)
+        return 1
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

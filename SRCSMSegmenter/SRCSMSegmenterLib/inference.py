@@ -1,0 +1,240 @@
+"""Whole-volume inference: a volume in, a labelmap in the input's exact grid out.
+
+Pipeline (docs/DESIGN.md): source matching (optional) → normalisation of the *source* modality →
+σ = 1 mm pre-smoothing and resampling to the world-aligned model grid → Gaussian-weighted sliding
+window (MONAI's inferer) → softmax probabilities resampled linearly back onto the input grid → argmax →
+optional largest-component clean-up.
+
+Departure from the paper (docs/SRCSM.md, "Our departures" 1): no ground-truth landmark ROI; the
+sliding window covers the whole volume, or a user-given ROI.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from .device import autocast, is_out_of_memory, memory_format, resolve_device, resolve_precision
+from .errors import CancelledError, InputError, SRCSMError
+from .image import Volume, validate_array
+from .matching import Modality, guess_modality, match
+from .modelpackage import ModelPackage
+from .normalization import Normalization, default_normalization, normalize
+from .preprocessing import Grid, model_grid, resample_channel_to, to_model_grid
+
+log = logging.getLogger(__name__)
+
+#: progress(fraction in 0..1, message)
+ProgressCallback = Callable[[float, str], None]
+#: cancel() → True to stop as soon as possible
+CancelCallback = Callable[[], bool]
+
+
+@dataclass
+class SegmentationResult:
+    labelmap: Volume
+    device: str
+    precision: str
+    source_matching: bool
+    normalization: Normalization
+    timings: dict[str, float] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+
+def count_windows(image_size: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
+    """Number of sliding-window positions MONAI's inferer will visit (for progress reporting)."""
+    total = 1
+    for img, roi in zip(image_size, roi_size):
+        if roi >= img:
+            continue
+        interval = max(1, int(roi * (1 - overlap)))
+        total *= math.ceil((img - roi) / interval) + 1
+    return total
+
+
+def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """Keep, for each label value, only its largest 26-connected component (in place)."""
+    from scipy import ndimage
+
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for value in values:
+        mask = labels == value
+        if not mask.any():
+            continue
+        comp, n = ndimage.label(mask, structure=structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        labels[(comp != int(np.argmax(sizes))) & mask] = 0
+    return labels
+
+
+class Segmenter:
+    """Applies one model package to volumes.
+
+    ``progress`` receives (fraction, message); ``cancel`` is polled between sliding-window steps and
+    makes :meth:`segment` raise :class:`CancelledError`. On a CUDA out-of-memory error the work is
+    redone on the CPU and a message says so (``result.messages``), unless ``fallback_to_cpu=False``.
+    """
+
+    def __init__(self, package: ModelPackage, device: str = "auto", precision: str = "auto",
+                 progress: ProgressCallback | None = None, cancel: CancelCallback | None = None,
+                 sw_batch_size: int = 1, fallback_to_cpu: bool = True) -> None:
+        self.package = package
+        self.card = package.card
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(self.device, precision)
+        self._requested_precision = precision
+        self.progress = progress or (lambda f, m: None)
+        self.cancel = cancel or (lambda: False)
+        self.sw_batch_size = sw_batch_size
+        self.fallback_to_cpu = fallback_to_cpu
+        self._network: torch.nn.Module | None = None
+        self._network_device: torch.device | None = None
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _check_cancel(self) -> None:
+        if self.cancel():
+            raise CancelledError("Segmentation cancelled by the user.")
+
+    def network(self, device: torch.device, precision: str) -> torch.nn.Module:
+        if self._network is None:
+            self._network = self.package.build_network()
+        if self._network_device != device:
+            self._network = self._network.to(device)
+            self._network_device = device
+        return self._network.to(memory_format=memory_format(device, precision))
+
+    def _normalization_for(self, use_sm: bool, modality: Modality) -> Normalization:
+        if use_sm or modality == self.card.source.modality:
+            return self.card.normalization
+        return default_normalization(modality)
+
+    # ------------------------------------------------------------------------------ main entry
+    def prepare(self, volume: Volume, source_matching: bool = True,
+                target_modality: Modality | Literal["auto"] = "auto",
+                roi_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, Grid, Normalization]:
+        """Model-grid network input (float32, K,J,I) for a volume, its grid and the normalisation used."""
+        validate_array(volume.array, "the input volume")
+        modality = guess_modality(volume.array) if target_modality == "auto" else target_modality
+        if source_matching:
+            self.progress(0.01, "Source matching")
+            volume = match(volume, self.card.source_profile, modality)
+        norm = self._normalization_for(source_matching, modality)
+        self._check_cancel()
+        grid = model_grid(volume.geometry, volume.shape, self.card.spacing, roi_bounds)
+        if roi_bounds is not None and min(grid.size) < 2:
+            raise InputError("The region of interest does not overlap the volume. Move or enlarge the ROI.")
+        self.progress(0.04, "Resampling to the model grid")
+        resampled = to_model_grid(volume, grid, pre_smoothing_mm=self.card.inference.pre_smoothing_mm,
+                                  default_value=float(np.min(volume.array)))
+        self._check_cancel()
+        self.progress(0.10, "Normalising")
+        return normalize(resampled.array, norm), grid, norm
+
+    def _predict(self, x: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:
+        """Softmax probabilities (C, K, J, I) on the CPU for a model-grid input."""
+        from monai.inferers import sliding_window_inference
+
+        net = self.network(device, precision)
+        fmt = memory_format(device, precision)
+        roi = tuple(int(p) for p in reversed(self.card.patch_size))  # x,y,z → K,J,I
+        overlap = self.card.inference.overlap
+        total = count_windows(x.shape, roi, overlap)
+        total_calls = math.ceil(total / self.sw_batch_size)
+        done = [0]
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            self._check_cancel()
+            with torch.inference_mode(), autocast(device, precision):
+                logits = net(patch.to(device, memory_format=fmt))
+            done[0] += 1
+            self.progress(0.12 + 0.70 * min(1.0, done[0] / max(1, total_calls)),
+                          f"Segmenting (window {done[0]}/{total_calls})")
+            return torch.softmax(logits.float(), dim=1)
+
+        inputs = torch.from_numpy(x)[None, None]
+        with torch.inference_mode():
+            probs = sliding_window_inference(
+                inputs, roi, self.sw_batch_size, predictor, overlap=overlap, mode=self.card.inference.blend_mode,
+                padding_mode="constant", cval=float(x.min()), sw_device=device, device=torch.device("cpu"),
+            )
+        return probs[0]
+
+    def segment(self, volume: Volume, source_matching: bool = True,
+                target_modality: Modality | Literal["auto"] = "auto", keep_largest: bool = False,
+                roi_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> SegmentationResult:
+        """Segment ``volume``; the labelmap has exactly the input's geometry and shape."""
+        timings: dict[str, float] = {}
+        messages: list[str] = []
+        t0 = time.perf_counter()
+        x, grid, norm = self.prepare(volume, source_matching, target_modality, roi_bounds)
+        timings["preprocess_s"] = time.perf_counter() - t0
+
+        device, precision = self.device, self.precision
+        t1 = time.perf_counter()
+        try:
+            probs = self._predict(x, device, precision)
+        except CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — only GPU out-of-memory is handled, everything else re-raised
+            if device.type == "cpu" or not is_out_of_memory(exc):
+                raise
+            if not self.fallback_to_cpu:
+                raise SRCSMError(
+                    f"The GPU ran out of memory ({device}). Close other GPU programs, use a smaller ROI, or "
+                    f"choose the CPU (--device cpu)."
+                ) from exc
+            msg = (f"The GPU ran out of memory; continuing on the CPU (slower). Free GPU memory or use a "
+                   f"smaller region of interest to stay on the GPU.")
+            log.warning(msg)
+            messages.append(msg)
+            self.progress(0.12, msg)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            device = torch.device("cpu")
+            precision = resolve_precision(device, "auto" if self._requested_precision in ("auto", "fp16")
+                                          else self._requested_precision)
+            probs = self._predict(x, device, precision)
+        timings["network_s"] = time.perf_counter() - t1
+        del x
+
+        t2 = time.perf_counter()
+        self.progress(0.83, "Resampling probabilities to the input grid")
+        labels = self._argmax_in_input_grid(probs.numpy(), grid, volume)
+        timings["resample_back_s"] = time.perf_counter() - t2
+        if keep_largest:
+            self.progress(0.96, "Keeping the largest component of each label")
+            keep_largest_components(labels, [lab.value for lab in self.card.labels.labels])
+        timings["total_s"] = time.perf_counter() - t0
+        self.progress(1.0, "Done")
+        return SegmentationResult(
+            labelmap=Volume(labels, volume.geometry),
+            device=str(device), precision=precision, source_matching=source_matching,
+            normalization=norm, timings=timings, messages=messages,
+        )
+
+    def _argmax_in_input_grid(self, probs: np.ndarray, grid: Grid, volume: Volume) -> np.ndarray:
+        """Channel by channel linear resampling with a running argmax: never holds all channels at the
+        input's full resolution (a 512×512×300 CT with 5 classes would need 1.6 GB for that)."""
+        best = None
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        for c in range(probs.shape[0]):
+            self._check_cancel()
+            channel = resample_channel_to(probs[c], grid, volume.geometry, volume.shape,
+                                          default_value=1.0 if c == 0 else 0.0)
+            if best is None:
+                best = channel
+                continue
+            better = channel > best
+            labels[better] = c
+            np.maximum(best, channel, out=best)
+            del channel, better
+        return labels

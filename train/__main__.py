@@ -1,0 +1,107 @@
+"""``python -m train`` (or ``srcsm-train``): fit, export and evaluate SRCSM models.
+
+Examples::
+
+    python -m train fit train/recipes/abdomen_ct_src_cpu.yaml            # train (checkpoints in output_dir)
+    python -m train fit RECIPE --resume --time-limit 3000                 # continue a run for 50 min
+    torchrun --nproc_per_node 2 -m train fit RECIPE                       # data-parallel (gloo/NCCL)
+    python -m train export runs/abdomen-ct-src Resources/Models/abdomen-ct
+    python -m train evaluate Resources/Models/abdomen-ct ../shared/data/Dataset502_AbdomenMRT2 --out eval/ct2mr
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from SRCSMSegmenterLib.errors import SRCSMError
+
+
+def _parse_override(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE (YAML value), got '{item}'")
+        key, value = item.split("=", 1)
+        import yaml
+
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="train a model from a recipe (YAML/TOML); resumable")
+    f.add_argument("config", help="recipe file, e.g. train/recipes/abdomen_ct_src_cpu.yaml")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set iterations=2000 --set augmentation=none")
+    f.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    f.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="checkpoint and stop after this many seconds (resume later with --resume)")
+    f.add_argument("--until", type=int, default=None, metavar="ITERATION", help="stop at this iteration")
+
+    c = sub.add_parser("cache", help="only build the preprocessing cache of a recipe")
+    c.add_argument("config")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    e = sub.add_parser("export", help="write a model package (folder or .zip) from a run's checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("destination", help="package folder, or a path ending in .zip")
+    e.add_argument("--metrics", help="JSON file of measured metrics to put in the model card")
+    e.add_argument("--performance", help="JSON file of measured time/memory for the model card")
+    e.add_argument("--overwrite", action="store_true")
+
+    v = sub.add_parser("evaluate", help="segment a labelled dataset, with and without source matching, and report")
+    v.add_argument("model", help="model package path or catalogue id")
+    v.add_argument("dataset", help="nnU-Net raw dataset folder (target domain)")
+    v.add_argument("--split", default="all", help="split of splits.json to evaluate (default: all cases)")
+    v.add_argument("--out", required=True, help="output folder for CSV, Markdown and PNG figures")
+    v.add_argument("--sm", choices=["both", "on", "off"], default="both", help="source matching settings")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
+    v.add_argument("--keep-largest", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("fit", "cache"):
+            from .config import load_config
+            from .trainer import Trainer
+
+            cfg = load_config(args.config, _parse_override(args.set))
+            if args.command == "cache":
+                t = Trainer(cfg)
+                t.prepare_data()
+                print(t.cache_folder)
+                return 0
+            result = Trainer(cfg, resume=args.resume).fit(time_limit_s=args.time_limit, until_iteration=args.until)
+            print(json.dumps({"iteration": result["iteration"], "output_dir": cfg.output_dir}))
+            return 0
+        if args.command == "export":
+            from .export import export_run
+
+            metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+            perf = json.loads(Path(args.performance).read_text()) if args.performance else None
+            export_run(args.run_dir, args.destination, metrics, perf, overwrite=args.overwrite)
+            return 0
+        if args.command == "evaluate":
+            from .evaluate import evaluate_model
+
+            evaluate_model(args.model, args.dataset, args.out, split=args.split, sm=args.sm, device=args.device,
+                           limit=args.limit, keep_largest=args.keep_largest)
+            return 0
+    except SRCSMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Training configuration: a YAML/TOML file validated into :class:`TrainConfig`.
+
+Every run writes its full, resolved configuration next to its checkpoints (``config.json``), and the
+exported model card carries it, so a model can always be traced back to how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from SRCSMSegmenterLib.normalization import Normalization
+
+Augmentation = Literal["none", "src", "src_hard", "rcnet_global", "randconv", "gin", "gin_ipa"]
+
+
+class ModelInfo(BaseModel):
+    """Catalogue metadata that ends up in the exported model card."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    name: str
+    description: str = ""
+    anatomy: str
+    sequence: str | None = None
+    license: str = "Weights: CC BY-NC-SA 4.0 (research use; inherits the training data's terms)"
+    training_data_terms: str = "research use"
+    training_data_citation: str | None = None
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    dataset: str = Field(description="path of an nnU-Net raw dataset folder")
+    train_split: str = "train"
+    val_split: str | None = "val"
+    model: ModelInfo
+    spacing: tuple[float, float, float] = (2.4, 2.4, 2.4)
+    patch_size: tuple[int, int, int] = (160, 128, 160)  # x, y, z voxels
+    network: dict[str, Any] = Field(
+        default_factory=lambda: {"architecture": "srcsm_unet",
+                                 "parameters": {"channels": [64, 64, 64, 64, 64], "dropout": 0.1}})
+    normalization: Normalization | None = None  # default: the modality's
+    pre_smoothing_mm: float = 1.0
+    augmentation: Augmentation = "src"
+    spatial_augmentation: bool = True
+    intensity_augmentation: bool = True
+    crop_margin: float = Field(1.25, ge=1.0, description="input crop = patch × margin, before spatial warping")
+    foreground_oversampling: float = Field(0.33, ge=0.0, le=1.0)
+    iterations: int = Field(50_000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    learning_rate: float = 5e-5
+    l2: float = Field(5e-7, description="explicit L2 on conv kernels, added to the loss (paper: 1e-6 on 2·GDL)")
+    ema_decay: float = 0.999
+    clip_factor: float = 5.0
+    consistency_weight: float = Field(10.0, description="GIN-IPA KL consistency weight (gin_ipa only)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    val_every: int = 1000
+    checkpoint_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    num_threads: int | None = None
+    cache_dir: str = "cache"
+    output_dir: str = "runs/model"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        params = self.network.get("parameters", {})
+        levels = len(params.get("channels", [0] * 5))
+        div = 2 ** (levels - 1)
+        if any(p % div for p in self.patch_size):
+            raise ValueError(f"patch_size {self.patch_size} must be divisible by {div} ({levels} U-Net levels)")
+        return self
+
+    def resolve_paths(self, base: Path) -> "TrainConfig":
+        """Relative paths in a config file are relative to the current directory unless they only
+        exist relative to the file (recipes ship with ``../shared/data`` style paths)."""
+        updates = {}
+        for key in ("dataset", "cache_dir", "output_dir"):
+            p = Path(getattr(self, key))
+            if not p.is_absolute() and not p.exists() and (base / p).exists():
+                updates[key] = str((base / p).resolve())
+        return self.model_copy(update=updates)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    for key, value in (overrides or {}).items():
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return TrainConfig.model_validate(data)

@@ -1,0 +1,462 @@
+"""The training loop: random patches, on-device augmentation (SRC and baselines), generalised Dice,
+Adam with explicit L2, adaptive gradient clipping, EMA weights, checkpoint/resume, validation, logs,
+and multi-process data parallelism (``torchrun``; gloo on CPU, NCCL on GPU).
+
+Checkpoints are safetensors + JSON (no pickles anywhere), written atomically, so a run killed at any
+moment resumes from its last checkpoint with ``fit --resume``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from SRCSMSegmenterLib.device import autocast, memory_format, resolve_device, resolve_precision
+from SRCSMSegmenterLib.normalization import default_normalization, normalize_tensor
+from SRCSMSegmenterLib.network import build_network
+
+from .cache import CachedCase, build_cache, load_cached
+from .config import TrainConfig
+from .datasets import load_dataset
+from .losses import generalized_dice_loss, l2_penalty, soft_dice_per_class
+
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+
+
+# ----------------------------------------------------------------------------------- sampling
+class PatchSampler:
+    """Random crops (larger than the patch, for spatial warping) with foreground oversampling.
+
+    With probability ``fg_prob`` the crop is centred on a voxel of a label drawn uniformly from the
+    labels present in the case (class-balanced, as nnU-Net does); otherwise anywhere in the volume.
+    """
+
+    def __init__(self, cases: list[CachedCase], crop_kji: tuple[int, int, int], fg_prob: float,
+                 rng: np.random.Generator) -> None:
+        self.cases, self.crop, self.fg_prob, self.rng = cases, crop_kji, fg_prob, rng
+
+    def _centre(self, case: CachedCase) -> np.ndarray:
+        shape = np.array(case.image.shape)
+        if case.foreground and self.rng.random() < self.fg_prob:
+            value = self.rng.choice(sorted(case.foreground))
+            flat = case.foreground[value][self.rng.integers(len(case.foreground[value]))]
+            return np.array(np.unravel_index(flat, case.image.shape))
+        return (self.rng.random(3) * shape).astype(int)
+
+    def crop_case(self, case: CachedCase, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = np.array(self.crop)
+        start = centre - size // 2
+        img = np.full(self.crop, case.fill_value, dtype=np.float32)
+        lab = np.zeros(self.crop, dtype=np.uint8)
+        src_lo = np.maximum(start, 0)
+        src_hi = np.minimum(start + size, case.image.shape)
+        if np.all(src_hi > src_lo):
+            dst_lo = src_lo - start
+            dst_hi = dst_lo + (src_hi - src_lo)
+            s = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+            d = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))
+            img[d] = case.image[s]
+            lab[d] = case.label[s]
+        return img, lab
+
+    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        imgs, labs, norms, fills = [], [], [], []
+        for _ in range(batch):
+            case = self.cases[self.rng.integers(len(self.cases))]
+            img, lab = self.crop_case(case, self._centre(case))
+            imgs.append(img)
+            labs.append(lab)
+            norms.append([case.norm_scale, case.norm_offset])
+            fills.append(case.fill_value)
+        return np.stack(imgs)[:, None], np.stack(labs), np.array(norms, np.float32), np.array(fills, np.float32)
+
+
+def centre_crop(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    d, h, w = x.shape[-3:]
+    a, b, c = ((d - size[0]) // 2, (h - size[1]) // 2, (w - size[2]) // 2)
+    return x[..., a:a + size[0], b:b + size[1], c:c + size[2]]
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, model: torch.nn.Module, ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
+    for k, v in ema.items():
+        tensors[f"ema.{k}"] = v.detach().cpu().contiguous()
+    opt_state = optimizer.state_dict()
+    for pid, st in opt_state["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"opt.{pid}.{name}"] = val.detach().cpu().contiguous().reshape(val.shape)
+    for name, val in state.pop("_tensors", {}).items():
+        tensors[f"rng.{name}"] = val
+    _atomic_write_bytes(out_dir / CHECKPOINT_WEIGHTS, save(tensors))
+    state = dict(state, param_groups=opt_state["param_groups"])
+    _atomic_write_bytes(out_dir / CHECKPOINT_STATE, json.dumps(state, indent=1, default=str).encode())
+
+
+def load_checkpoint(out_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out_dir / CHECKPOINT_WEIGHTS))
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "opt": {}, "rng": {}}
+    for k, v in tensors.items():
+        head, rest = k.split(".", 1)
+        groups[head][rest] = v
+    state = json.loads((out_dir / CHECKPOINT_STATE).read_text())
+    return groups, state
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, opt_tensors: dict[str, torch.Tensor],
+                      param_groups: list[dict[str, Any]], device: torch.device) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, val in opt_tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = val if name == "step" else val.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+# ---------------------------------------------------------------------------------- trainer
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    backend = "nccl" if device_name != "cpu" and torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False, log=None) -> None:
+        self.cfg = config
+        self.dist = init_distributed(config.device)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.dist.world > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.precision = resolve_precision(self.device, config.precision)
+        if self.device.type == "cuda" and config.precision == "auto" and torch.cuda.is_bf16_supported():
+            self.precision = "bf16"  # no loss scaling needed, same speed on Ampere/Hopper
+        self.out_dir = Path(config.output_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dataset = load_dataset(config.dataset)
+        self.modality = self.dataset.modality
+        self.num_classes = len(self.dataset.label_values) + 1
+        self.norm = config.normalization or default_normalization(self.modality)
+        self.patch_kji = tuple(int(p) for p in reversed(config.patch_size))
+        margin = config.crop_margin if config.spatial_augmentation else 1.0
+        self.crop_kji = tuple(int(math.ceil(p * margin / 2) * 2) for p in self.patch_kji)
+        self.resume = resume
+
+    # -------------------------------------------------------------------------------- data
+    def prepare_data(self) -> None:
+        cfg = self.cfg
+        train_cases = self.dataset.split(cfg.train_split)
+        val_cases = self.dataset.split(cfg.val_split) if cfg.val_split else []
+        if self.dist.main:
+            self.cache_folder = build_cache(self.dataset, train_cases + val_cases, Path(cfg.cache_dir), cfg.spacing,
+                                            self.norm, cfg.pre_smoothing_mm, log=self.log)
+        if self.dist.world > 1:
+            dist.barrier()
+            if not self.dist.main:
+                self.cache_folder = build_cache(self.dataset, [], Path(cfg.cache_dir), cfg.spacing, self.norm,
+                                                cfg.pre_smoothing_mm, log=self.log)
+        self.train_data = load_cached(self.cache_folder, [c.id for c in train_cases])
+        self.val_data = load_cached(self.cache_folder, [c.id for c in val_cases])
+
+    # ------------------------------------------------------------------------------- model
+    def build(self) -> None:
+        cfg = self.cfg
+        params = dict(cfg.network.get("parameters", {}))
+        params.setdefault("out_channels", self.num_classes)
+        params.setdefault("in_channels", 1)
+        self.network_spec = {"architecture": cfg.network["architecture"], "parameters": params}
+        torch.manual_seed(cfg.seed)
+        self.model = build_network(self.network_spec["architecture"], params).to(self.device)
+        self.model = self.model.to(memory_format=memory_format(self.device, self.precision))
+        self.ddp_model = self.model
+        if self.dist.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate, eps=1e-7)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
+        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+        self.iteration = 0
+        self.clip_m = 10.0
+        self.rng = np.random.default_rng([cfg.seed, self.dist.rank])
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.dist.rank + 1)
+        self.history: list[dict[str, Any]] = []
+        if self.resume and (self.out_dir / CHECKPOINT_WEIGHTS).is_file():
+            self._restore()
+
+    def _restore(self) -> None:
+        groups, state = load_checkpoint(self.out_dir)
+        self.model.load_state_dict(groups["model"])
+        self.ema = {k: v.to(self.device) for k, v in groups["ema"].items()}
+        restore_optimizer(self.optimizer, groups["opt"], state["param_groups"], self.device)
+        self.iteration = int(state["iteration"])
+        self.clip_m = float(state["clip_m"])
+        rng_state = state.get("numpy_rng", {}).get(str(self.dist.rank))
+        if rng_state:
+            self.rng.bit_generator.state = rng_state
+        gen_state = groups["rng"].get(f"torch{self.dist.rank}")
+        if gen_state is not None:
+            self.gen.set_state(gen_state)
+        self.history = state.get("history", [])
+        self.log(f"resumed from iteration {self.iteration}")
+
+    def checkpoint(self) -> None:
+        # every rank's RNG state goes into the checkpoint, so a resumed DDP run continues each stream
+        rngs = [None] * self.dist.world
+        gens = [None] * self.dist.world
+        if self.dist.world > 1:
+            dist.all_gather_object(rngs, self.rng.bit_generator.state)
+            dist.all_gather_object(gens, self.gen.get_state())
+        else:
+            rngs, gens = [self.rng.bit_generator.state], [self.gen.get_state()]
+        if not self.dist.main:
+            return
+        state = {"iteration": self.iteration, "clip_m": self.clip_m,
+                 "numpy_rng": {str(r): s for r, s in enumerate(rngs)},
+                 "config": self.cfg.model_dump(mode="json"), "network": self.network_spec,
+                 "history": self.history[-2000:], "precision": self.precision, "device": str(self.device),
+                 "world_size": self.dist.world,
+                 "_tensors": {f"torch{r}": g for r, g in enumerate(gens)}}
+        save_checkpoint(self.out_dir, self.model, self.ema, self.optimizer, state)
+
+    # ---------------------------------------------------------------------------- one step
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from .augment import apply_appearance, intensity_augment, spatial_augment
+
+        cfg = self.cfg
+        img, lab, norm, fill = self.sampler.sample(cfg.batch_size)
+        img_t = torch.from_numpy(img).to(self.device)
+        lab_t = torch.from_numpy(lab).to(self.device).long()
+        fill_t = torch.from_numpy(fill).to(self.device).view(-1, 1, 1, 1, 1)
+        if cfg.spatial_augmentation:
+            # warp with zero padding around (image − fill) so outside the FOV becomes the image minimum
+            img_t, lab_t = spatial_augment(img_t - fill_t, lab_t, self.patch_kji, tuple(reversed(cfg.spacing)),
+                                           self.gen, self.num_classes)
+            img_t = img_t + fill_t
+        else:
+            img_t, lab_t = centre_crop(img_t, self.patch_kji), centre_crop(lab_t, self.patch_kji)
+        scale = torch.from_numpy(norm[:, 0]).to(self.device).view(-1, 1, 1, 1, 1)
+        offset = torch.from_numpy(norm[:, 1]).to(self.device).view(-1, 1, 1, 1, 1)
+        lo = -1.0
+        hi = 1.0 if self.norm.type == "ct_window" else None
+        x = normalize_tensor(img_t, scale, offset, lo, hi)
+        if cfg.intensity_augmentation:
+            x = intensity_augment(x, self.modality, self.gen)
+        return x, lab_t
+
+    def step(self) -> dict[str, float]:
+        from .augment import apply_appearance, consistency_loss
+
+        cfg = self.cfg
+        x, lab = self._batch()
+        with torch.no_grad():
+            views = apply_appearance(cfg.augmentation, x, lab, self.num_classes, self.gen)
+        views = views if isinstance(views, tuple) else (views,)
+        fmt = memory_format(self.device, self.precision)
+        self.ddp_model.train()
+        with autocast(self.device, self.precision):
+            logits = [self.ddp_model(v.contiguous(memory_format=fmt)) for v in views]
+        seg = sum(generalized_dice_loss(lg, lab) for lg in logits) / len(logits)
+        loss = seg + cfg.l2 * l2_penalty(self.model.conv_kernels())
+        cons = None
+        if len(logits) == 2:
+            cons = consistency_loss(logits[0], logits[1])
+            loss = loss + cfg.consistency_weight * cons
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": float("nan"), "skipped": 1.0}
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.clip_factor * self.clip_m
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if math.isfinite(norm):
+            self.scaler.step(self.optimizer)
+            self.clip_m = 0.01 * min(norm, clip) + 0.99 * self.clip_m
+        else:
+            self.scaler.update()  # skip this step (non-finite gradients), as the paper's loss scaler does
+            return {"loss": float(loss), "skipped": 1.0, "grad_norm": norm}
+        self.scaler.update()
+        with torch.no_grad():
+            d = cfg.ema_decay
+            for k, v in self.model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.ema[k].lerp_(v.float(), 1 - d)
+                else:
+                    self.ema[k].copy_(v)
+        out = {"loss": float(loss), "gdl": float(seg), "grad_norm": norm, "skipped": 0.0}
+        if cons is not None:
+            out["consistency"] = float(cons)
+        return out
+
+    # --------------------------------------------------------------------------- validation
+    def ema_network(self) -> torch.nn.Module:
+        net = build_network(self.network_spec["architecture"], self.network_spec["parameters"])
+        net.load_state_dict({k: v.cpu() for k, v in self.ema.items()})
+        return net.eval()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Dice of the EMA weights on the validation cases, on the model grid (sliding window)."""
+        from monai.inferers import sliding_window_inference
+
+        if not self.val_data:
+            return {}
+        net = self.ema_network().to(self.device).to(memory_format=memory_format(self.device, self.precision))
+        dices = []
+        for case in self.val_data:
+            x = normalize_tensor(torch.from_numpy(np.asarray(case.image, dtype=np.float32)), case.norm_scale,
+                                 case.norm_offset, -1.0, 1.0 if self.norm.type == "ct_window" else None)
+
+            def predictor(p: torch.Tensor) -> torch.Tensor:
+                with autocast(self.device, self.precision):
+                    return torch.softmax(net(p.to(self.device)).float(), 1)
+
+            probs = sliding_window_inference(x[None, None], self.patch_kji, 1, predictor, overlap=0.25,
+                                             mode="gaussian", cval=float(x.min()), sw_device=self.device,
+                                             device=torch.device("cpu"))
+            pred = probs[0].argmax(0)
+            dices.append(soft_dice_per_class(pred, torch.from_numpy(np.asarray(case.label)).long(), self.num_classes))
+        per_class = torch.nanmean(torch.stack(dices), 0)
+        names = [self.dataset.label_values[v] for v in sorted(self.dataset.label_values)]
+        out = {f"val_dice_{n}": float(d) for n, d in zip(names, per_class)}
+        out["val_dice_mean"] = float(torch.nanmean(per_class))
+        return out
+
+    # -------------------------------------------------------------------------------- loop
+    def fit(self, time_limit_s: float | None = None, until_iteration: int | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        self.prepare_data()
+        self.build()
+        self.sampler = PatchSampler(self.train_data, self.crop_kji, cfg.foreground_oversampling, self.rng)
+        if self.dist.main:
+            (self.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        writer = None
+        if self.dist.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except Exception:  # noqa: BLE001 — TensorBoard is optional
+                writer = None
+        csv_path = self.out_dir / "log.csv"
+        end = min(cfg.iterations, until_iteration or cfg.iterations)
+        bar = None
+        if self.dist.main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=self.iteration, desc=f"{cfg.model.id} [{cfg.augmentation}]",
+                       dynamic_ncols=True, file=sys.stderr, disable=None)
+        start = time.monotonic()
+        t_last = time.monotonic()
+        running: dict[str, float] = {}
+        n_running = 0
+        while self.iteration < end:
+            stats = self.step()
+            self.iteration += 1
+            for k, v in stats.items():
+                if math.isfinite(v):
+                    running[k] = running.get(k, 0.0) + v
+            n_running += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            row: dict[str, Any] | None = None
+            if self.iteration % cfg.log_every == 0 or self.iteration == end:
+                now = time.monotonic()
+                row = {"iteration": self.iteration, "s_per_it": (now - t_last) / max(1, n_running),
+                       **{k: v / max(1, n_running) for k, v in running.items()}}
+                t_last, running, n_running = now, {}, 0
+            if self.dist.main and cfg.val_every and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
+                val = self.validate()
+                row = (row or {"iteration": self.iteration}) | val
+                if val:
+                    self.log(f"iteration {self.iteration}: " + ", ".join(f"{k}={v:.3f}" for k, v in val.items()))
+            if row and self.dist.main:
+                self.history.append(row)
+                _append_csv(csv_path, row)
+                if writer:
+                    for k, v in row.items():
+                        if k != "iteration" and isinstance(v, float) and math.isfinite(v):
+                            writer.add_scalar(k, v, self.iteration)
+            timed_out = time_limit_s is not None and time.monotonic() - start > time_limit_s
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == end or timed_out:
+                self.checkpoint()
+            if timed_out:
+                self.log(f"time limit reached at iteration {self.iteration}; resume with --resume")
+                break
+        if bar:
+            bar.close()
+        if writer:
+            writer.close()
+        if self.dist.world > 1:
+            dist.barrier()
+        return {"iteration": self.iteration, "history": self.history}
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    existing: list[dict[str, Any]] = []
+    fields: list[str] = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            existing = list(reader)
+            fields = list(reader.fieldnames or [])
+    new_fields = fields + [k for k in row if k not in fields]
+    if new_fields == fields and fields:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerow(row)
+        return
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=new_fields)
+        w.writeheader()
+        for r in existing:
+            w.writerow(r)
+        w.writerow(row)
+    os.replace(tmp, path)
