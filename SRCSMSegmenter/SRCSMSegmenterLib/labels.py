@@ -120,13 +120,16 @@ KNOWN_STRUCTURES: dict[str, Label] = {
     "spleen": Label(value=1, name="spleen", color=(157 / 255, 108 / 255, 162 / 255),
                     terminology=Terminology(type=_sct("78961009", "Spleen"))),
     "lv_myocardium": Label(value=1, name="left ventricle myocardium", color=(206 / 255, 110 / 255, 84 / 255),
-                           terminology=Terminology(type=_sct("87878005", "Left ventricle myocardium"))),
+                           # SCT 87878005 is the left ventricle itself (DICOM CID 7152), not its muscle:
+                           # the myocardium is coded as Myocardium in the region Left Ventricle.
+                           terminology=Terminology(type=_sct("74281007", "Myocardium"),
+                                                   anatomic_region=_sct("87878005", "Left Ventricle"))),
+    # Blood pools: the ventricle codes as DICOM CID 7152 and Slicer's General Anatomy list give them
+    # (no verified SNOMED-CT "cavity" modifier exists in either list, so none is invented here).
     "lv_blood_pool": Label(value=1, name="left ventricle blood pool", color=(216 / 255, 101 / 255, 79 / 255),
-                           terminology=Terminology(type=_sct("87878005", "Left ventricle"),
-                                                   type_modifier=_sct("399981004", "Cavity"))),
+                           terminology=Terminology(type=_sct("87878005", "Left Ventricle"))),
     "rv_blood_pool": Label(value=1, name="right ventricle blood pool", color=(111 / 255, 184 / 255, 210 / 255),
-                           terminology=Terminology(type=_sct("53085002", "Right ventricle"),
-                                                   type_modifier=_sct("399981004", "Cavity"))),
+                           terminology=Terminology(type=_sct("53085002", "Right Ventricle"))),
 }
 
 

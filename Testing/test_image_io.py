@@ -1,0 +1,184 @@
+"""Reading volumes: geometry on real files, every kind of bad input, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SRCSMSegmenterLib.errors import InputError
+from SRCSMSegmenterLib.image import Geometry, Volume, atomic_output, read_volume, write_volume
+
+
+def _mr_path(shared_data):
+    return next(shared_data.glob("Dataset502_*")) / "imagesTr" / "chaos_01_0000.nii.gz"
+
+
+def test_real_volume_geometry_matches_simpleitk(shared_data):
+    path = _mr_path(shared_data)
+    vol = read_volume(path)
+    ref = sitk.ReadImage(str(path))
+    assert vol.shape == tuple(reversed(ref.GetSize()))
+    # the physical point of a voxel agrees with SimpleITK's own transform
+    for ijk in [(0, 0, 0), (10, 200, 30), (255, 255, vol.shape[0] - 1)]:
+        assert np.allclose(vol.geometry.index_to_physical(np.array(ijk, float)),
+                           ref.TransformContinuousIndexToPhysicalPoint([float(x) for x in ijk]), atol=1e-6)
+    back = vol.geometry.physical_to_index(vol.geometry.index_to_physical(np.array([3.0, 4.0, 5.0])))
+    assert np.allclose(back, [3, 4, 5])
+
+
+def test_ijk_to_ras_round_trip(shared_data):
+    vol = read_volume(_mr_path(shared_data))
+    again = Volume.from_ijk_to_ras(vol.array, vol.ijk_to_ras())
+    assert again.geometry.almost_equal(vol.geometry, 1e-9)
+    # RAS is LPS with x and y negated
+    ras = vol.ijk_to_ras() @ np.array([1, 2, 3, 1.0])
+    lps = vol.geometry.index_to_physical(np.array([1, 2, 3.0]))
+    assert np.allclose(ras[:3], lps * [-1, -1, 1])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_write_read_round_trip_oblique(tmp_path, shared_data, suffix):
+    vol = read_volume(_mr_path(shared_data))
+    angle = np.deg2rad(30)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    oblique = Volume(vol.array, Geometry(vol.geometry.origin, vol.geometry.spacing, tuple(rot.ravel())))
+    out = write_volume(oblique, tmp_path / f"v{suffix}")
+    back = read_volume(out)
+    assert np.array_equal(back.array, oblique.array)
+    assert back.geometry.almost_equal(oblique.geometry, 1e-5)
+
+
+def _write(tmp_path, name, image):
+    p = tmp_path / name
+    sitk.WriteImage(image, str(p))
+    return p
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_volume(tmp_path / "nope.nii.gz")
+
+
+def test_unreadable_file(tmp_path):
+    p = tmp_path / "broken.nii.gz"
+    p.write_bytes(b"this is not a nifti file")
+    with pytest.raises(InputError, match="Could not read"):
+        read_volume(p)
+
+
+def test_unsupported_extension(tmp_path):
+    p = tmp_path / "image.png"
+    p.write_bytes(b"\x89PNG")
+    with pytest.raises(InputError, match="unsupported file type"):
+        read_volume(p)
+
+
+def test_2d_image(tmp_path):
+    p = _write(tmp_path, "slice.nrrd", sitk.GetImageFromArray(np.random.rand(32, 32).astype(np.float32)))
+    with pytest.raises(InputError, match="2D"):
+        read_volume(p)
+
+
+def test_single_slice_3d_is_2d(tmp_path):
+    p = _write(tmp_path, "slice3d.nrrd", sitk.GetImageFromArray(np.random.rand(1, 32, 32).astype(np.float32)))
+    with pytest.raises(InputError, match="2D"):
+        read_volume(p)
+
+
+def test_4d_image(tmp_path):
+    p = _write(tmp_path, "series.nii.gz", sitk.GetImageFromArray(np.random.rand(3, 8, 16, 16).astype(np.float32), isVector=False))
+    with pytest.raises(InputError, match="4D"):
+        read_volume(p)
+
+
+def test_multicomponent_image(tmp_path):
+    img = sitk.GetImageFromArray(np.random.rand(8, 16, 16, 3).astype(np.float32), isVector=True)
+    p = _write(tmp_path, "rgb.nrrd", img)
+    with pytest.raises(InputError, match="components per voxel"):
+        read_volume(p)
+
+
+def test_all_nan(tmp_path):
+    p = _write(tmp_path, "nan.nrrd", sitk.GetImageFromArray(np.full((8, 16, 16), np.nan, np.float32)))
+    with pytest.raises(InputError, match="no finite values"):
+        read_volume(p)
+
+
+def test_some_nonfinite(tmp_path):
+    a = np.random.rand(8, 16, 16).astype(np.float32)
+    a[2, 3, 4] = np.inf
+    p = _write(tmp_path, "inf.nrrd", sitk.GetImageFromArray(a))
+    with pytest.raises(InputError, match="non-finite"):
+        read_volume(p)
+
+
+def test_constant(tmp_path):
+    p = _write(tmp_path, "const.nrrd", sitk.GetImageFromArray(np.full((8, 16, 16), 7, np.int16)))
+    with pytest.raises(InputError, match="constant"):
+        read_volume(p)
+
+
+@pytest.mark.parametrize("spacing", [(0.0001, 1, 1), (1, 1, 500.0)])
+def test_absurd_spacing(tmp_path, spacing):
+    img = sitk.GetImageFromArray(np.random.rand(8, 16, 16).astype(np.float32))
+    img.SetSpacing(spacing)
+    p = _write(tmp_path, "sp.nrrd", img)
+    with pytest.raises(InputError, match="implausible voxel spacing"):
+        read_volume(p)
+
+
+def test_dicom_series_folder(tmp_path, shared_data):
+    """A DICOM series written from a real case reads back with the same voxels and geometry."""
+    vol = read_volume(_mr_path(shared_data))
+    sub = vol.array[:6, ::4, ::4].astype(np.int16)
+    geom = Geometry(vol.geometry.origin, (vol.geometry.spacing[0] * 4, vol.geometry.spacing[1] * 4,
+                                          vol.geometry.spacing[2]), vol.geometry.direction)
+    image = Volume(sub, geom).to_sitk()
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        sl.SetMetaData("0008|0060", "MR")
+        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
+        sl.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.2")
+        sl.SetMetaData("0020|0037", "\\".join(map(str, (direction[0], direction[3], direction[6],
+                                                         direction[1], direction[4], direction[7]))))
+        sl.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        sl.SetMetaData("0020|0013", str(k))
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(sl)
+    back = read_volume(folder)
+    # DICOM frames are right-handed: this left-handed case comes back with its slice order reversed,
+    # so compare physically: voxel (i, j, k) of the result sits where voxel (i, j, K-1-k) was.
+    n = sub.shape[0]
+    assert np.array_equal(back.array[::-1], sub)
+    for i, j, k in [(0, 0, 0), (5, 7, 2), (63, 63, n - 1)]:
+        assert np.allclose(back.geometry.index_to_physical(np.array([i, j, k], float)),
+                           geom.index_to_physical(np.array([i, j, n - 1 - k], float)), atol=1e-3)
+
+
+def test_folder_without_dicom(tmp_path):
+    with pytest.raises(InputError, match="no DICOM series"):
+        read_volume(tmp_path)
+
+
+def test_atomic_output_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_refuses_to_overwrite_unless_asked(tmp_path, shared_data):
+    vol = read_volume(_mr_path(shared_data))
+    target = tmp_path / "out.nrrd"
+    target.write_bytes(b"user data")
+    with pytest.raises(InputError, match="already exists"):
+        write_volume(vol, target, overwrite=False)
+    assert target.read_bytes() == b"user data"
