@@ -139,3 +139,9 @@ def _same_labels_physically(actual, expected, values=None) -> None:
 def same_labels_physically():
     """The physical labelmap comparison above, as a fixture (conftest helpers are not importable)."""
     return _same_labels_physically
+
+
+# =============================================================================================
+# Model packages trained by the tests themselves (real trainer, real cases) — see model_fixtures.py
+# =============================================================================================
+from model_fixtures import tiny_model  # noqa: E402,F401

@@ -266,7 +266,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- one step
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from .augment import apply_appearance, intensity_augment, spatial_augment
+        from .augment import random_intensity, random_spatial
 
         cfg = self.cfg
         img, lab, norm, fill = self.sampler.sample(cfg.batch_size)
@@ -275,8 +275,8 @@ class Trainer:
         fill_t = torch.from_numpy(fill).to(self.device).view(-1, 1, 1, 1, 1)
         if cfg.spatial_augmentation:
             # warp with zero padding around (image − fill) so outside the FOV becomes the image minimum
-            img_t, lab_t = spatial_augment(img_t - fill_t, lab_t, self.patch_kji, tuple(reversed(cfg.spacing)),
-                                           self.gen, self.num_classes)
+            img_t, lab_t = random_spatial(img_t - fill_t, lab_t, self.patch_kji, cfg.spacing, self.gen,
+                                          pad_value=0.0, num_classes=self.num_classes)
             img_t = img_t + fill_t
         else:
             img_t, lab_t = centre_crop(img_t, self.patch_kji), centre_crop(lab_t, self.patch_kji)
@@ -286,11 +286,11 @@ class Trainer:
         hi = 1.0 if self.norm.type == "ct_window" else None
         x = normalize_tensor(img_t, scale, offset, lo, hi)
         if cfg.intensity_augmentation:
-            x = intensity_augment(x, self.modality, self.gen)
+            x = random_intensity(x, self.norm, self.gen)
         return x, lab_t
 
     def step(self) -> dict[str, float]:
-        from .augment import apply_appearance, consistency_loss
+        from .augment import apply_appearance, gin_consistency_loss
 
         cfg = self.cfg
         x, lab = self._batch()
@@ -300,13 +300,16 @@ class Trainer:
         fmt = memory_format(self.device, self.precision)
         self.ddp_model.train()
         with autocast(self.device, self.precision):
-            logits = [self.ddp_model(v.contiguous(memory_format=fmt)) for v in views]
-        seg = sum(generalized_dice_loss(lg, lab) for lg in logits) / len(logits)
+            # all views in one forward pass (GIN-IPA: three), as their recipe does
+            logits_all = self.ddp_model(torch.cat(views).contiguous(memory_format=fmt))
+        logits = logits_all.chunk(len(views))
+        # the segmentation loss goes on the first view only (for GIN-IPA: the IPA view "a")
+        seg = generalized_dice_loss(logits[0], lab)
         loss = seg + cfg.l2 * l2_penalty(self.model.conv_kernels())
         cons = None
-        if len(logits) == 2:
-            cons = consistency_loss(logits[0], logits[1])
-            loss = loss + cfg.consistency_weight * cons
+        if len(logits) > 1:
+            cons = gin_consistency_loss(list(logits), weight=cfg.consistency_weight)
+            loss = loss + cons
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return {"loss": float("nan"), "skipped": 1.0}
@@ -320,7 +323,7 @@ class Trainer:
             self.clip_m = 0.01 * min(norm, clip) + 0.99 * self.clip_m
         else:
             self.scaler.update()  # skip this step (non-finite gradients), as the paper's loss scaler does
-            return {"loss": float(loss), "skipped": 1.0, "grad_norm": norm}
+            return {"loss": float(loss.detach()), "skipped": 1.0, "grad_norm": norm}
         self.scaler.update()
         with torch.no_grad():
             d = cfg.ema_decay
@@ -329,9 +332,9 @@ class Trainer:
                     self.ema[k].lerp_(v.float(), 1 - d)
                 else:
                     self.ema[k].copy_(v)
-        out = {"loss": float(loss), "gdl": float(seg), "grad_norm": norm, "skipped": 0.0}
+        out = {"loss": float(loss.detach()), "gdl": float(seg.detach()), "grad_norm": norm, "skipped": 0.0}
         if cons is not None:
-            out["consistency"] = float(cons)
+            out["consistency"] = float(cons.detach())
         return out
 
     # --------------------------------------------------------------------------- validation
@@ -350,7 +353,7 @@ class Trainer:
         net = self.ema_network().to(self.device).to(memory_format=memory_format(self.device, self.precision))
         dices = []
         for case in self.val_data:
-            x = normalize_tensor(torch.from_numpy(np.asarray(case.image, dtype=np.float32)), case.norm_scale,
+            x = normalize_tensor(torch.from_numpy(np.array(case.image, dtype=np.float32)), case.norm_scale,
                                  case.norm_offset, -1.0, 1.0 if self.norm.type == "ct_window" else None)
 
             def predictor(p: torch.Tensor) -> torch.Tensor:
@@ -361,7 +364,7 @@ class Trainer:
                                              mode="gaussian", cval=float(x.min()), sw_device=self.device,
                                              device=torch.device("cpu"))
             pred = probs[0].argmax(0)
-            dices.append(soft_dice_per_class(pred, torch.from_numpy(np.asarray(case.label)).long(), self.num_classes))
+            dices.append(soft_dice_per_class(pred, torch.from_numpy(np.array(case.label)).long(), self.num_classes))
         per_class = torch.nanmean(torch.stack(dices), 0)
         names = [self.dataset.label_values[v] for v in sorted(self.dataset.label_values)]
         out = {f"val_dice_{n}": float(d) for n, d in zip(names, per_class)}
