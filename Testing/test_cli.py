@@ -1,0 +1,199 @@
+"""The `srcsm` command on real files: outputs, progress protocol, models, bad input, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SRCSMSegmenterLib.image import read_volume
+from SRCSMSegmenterLib.modelpackage import MODEL_JSON, WEIGHTS_FILE, package_to_zip_bytes
+from SRCSMSegmenterLib.segio import read_seg_nrrd
+
+
+@pytest.fixture
+def env(tmp_path):
+    """Isolated user folder and an empty bundled-models folder for the command."""
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    e = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"), SRCSM_BUNDLED_MODELS=str(bundled))
+    return e
+
+
+def srcsm(*args, env, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "SRCSMSegmenterLib.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def mr_image(shared_data):
+    return next(shared_data.glob("Dataset502_*")) / "imagesTr" / "chaos_02_0000.nii.gz"
+
+
+def _json_lines(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def test_segment_to_seg_nrrd_with_json_progress(tmp_path, env, tiny_model, mr_image):
+    out = tmp_path / "result.seg.nrrd"
+    proc = srcsm("segment", mr_image, out, "--model", tiny_model, "--progress", "json", "--device", "cpu",
+                 env=env, check_rc=0)
+    events = _json_lines(proc.stderr)
+    progress = [e["fraction"] for e in events if e["event"] == "progress"]
+    assert progress and progress == sorted(progress)
+    done = [e for e in events if e["event"] == "done"]
+    assert len(done) == 1 and Path(done[0]["output"]) == out.resolve()
+    assert done[0]["source_matching"] is True
+    labelmap, segments = read_seg_nrrd(out)
+    assert [s["name"] for s in segments] == ["liver", "right kidney", "left kidney", "spleen"]
+    assert [s["label_value"] for s in segments] == [1, 2, 3, 4]
+    image = read_volume(mr_image)
+    assert labelmap.array.shape == image.array.shape
+    assert labelmap.geometry.almost_equal(image.geometry, 1e-5)
+
+
+def test_segment_to_labelmap_and_no_sm(tmp_path, env, tiny_model, mr_image):
+    out = tmp_path / "labels.nii.gz"
+    srcsm("segment", mr_image, out, "--model", tiny_model, "--no-source-matching", "--progress", "none",
+          env=env, check_rc=0)
+    lab = sitk.ReadImage(str(out))
+    assert lab.GetPixelID() == sitk.sitkUInt8
+    assert lab.GetSize() == sitk.ReadImage(str(mr_image)).GetSize()
+
+
+def test_match_writes_the_matched_image(tmp_path, env, tiny_model, mr_image):
+    out = tmp_path / "matched.nrrd"
+    srcsm("match", mr_image, out, "--model", tiny_model, "--progress", "none", env=env, check_rc=0)
+    matched = read_volume(out)
+    card = json.loads((tiny_model / MODEL_JSON).read_text())
+    profile = card["source_profile"]
+    assert matched.array.min() == profile["overall_min"]
+    assert matched.array.max() == profile["values"][-1]
+    assert matched.geometry.almost_equal(read_volume(mr_image).geometry, 1e-5)
+
+
+def test_models_list_info_install_remove(tmp_path, env, tiny_model):
+    z = tmp_path / "tiny.zip"
+    z.write_bytes(package_to_zip_bytes(tiny_model))
+    assert "No models" in srcsm("models", "list", env=env, check_rc=0).stdout
+    srcsm("models", "install", z, env=env, check_rc=0)
+    listed = json.loads(srcsm("models", "list", "--json", env=env, check_rc=0).stdout)
+    assert [(m["id"], m["origin"]) for m in listed] == [("tiny-ct", "installed")]
+    info = srcsm("models", "info", "tiny-ct", env=env, check_rc=0).stdout
+    assert "liver" in info and "src" in info
+    # segment by catalogue id
+    srcsm("models", "remove", "tiny-ct", env=env, check_rc=0)
+    assert json.loads(srcsm("models", "list", "--json", env=env, check_rc=0).stdout) == []
+
+
+def test_demo_without_bundled_model_says_so(env, tmp_path):
+    proc = srcsm("demo", "--output-dir", tmp_path / "demo", "--progress", "none", env=env)
+    assert proc.returncode == 2
+    assert "not available" in proc.stderr and "models install" in proc.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+# -------------------------------------------------------------------------------- bad input
+def _assert_clean_failure(proc, out: Path, pattern: str):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert pattern.lower() in proc.stderr.lower(), proc.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
+
+
+def test_missing_input(tmp_path, env, tiny_model):
+    out = tmp_path / "out.seg.nrrd"
+    _assert_clean_failure(srcsm("segment", tmp_path / "nope.nii.gz", out, "--model", tiny_model, env=env),
+                          out, "not found")
+
+
+@pytest.mark.parametrize("kind", ["2d", "4d", "nan", "constant", "spacing"])
+def test_bad_images(tmp_path, env, tiny_model, kind):
+    rng = np.random.default_rng(0)
+    if kind == "2d":
+        img, pattern = sitk.GetImageFromArray(rng.random((32, 32)).astype(np.float32)), "2D"
+    elif kind == "4d":
+        img, pattern = sitk.GetImageFromArray(rng.random((2, 8, 16, 16)).astype(np.float32), isVector=False), "4D"
+    elif kind == "nan":
+        a = rng.random((8, 16, 16)).astype(np.float32)
+        a[1, 1, 1] = np.nan
+        img, pattern = sitk.GetImageFromArray(a), "non-finite"
+    elif kind == "constant":
+        img, pattern = sitk.GetImageFromArray(np.zeros((8, 16, 16), np.int16)), "constant"
+    else:
+        img, pattern = sitk.GetImageFromArray(rng.random((8, 16, 16)).astype(np.float32)), "spacing"
+        img.SetSpacing((1000.0, 1000.0, 1000.0))
+    src = tmp_path / "bad.nrrd"
+    sitk.WriteImage(img, str(src))
+    out = tmp_path / "out.seg.nrrd"
+    _assert_clean_failure(srcsm("segment", src, out, "--model", tiny_model, env=env), out, pattern)
+
+
+def test_tampered_model(tmp_path, env, tiny_model, mr_image):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_model, pkg)
+    data = bytearray((pkg / WEIGHTS_FILE).read_bytes())
+    data[-5] ^= 0x01
+    (pkg / WEIGHTS_FILE).write_bytes(bytes(data))
+    out = tmp_path / "out.seg.nrrd"
+    _assert_clean_failure(srcsm("segment", mr_image, out, "--model", pkg, env=env), out, "checksum")
+
+
+def test_model_with_foreign_schema_version(tmp_path, env, tiny_model, mr_image):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_model, pkg)
+    card = json.loads((pkg / MODEL_JSON).read_text())
+    card["schema_version"] = 99
+    (pkg / MODEL_JSON).write_text(json.dumps(card))
+    out = tmp_path / "out.seg.nrrd"
+    _assert_clean_failure(srcsm("segment", mr_image, out, "--model", pkg, env=env), out, "schema_version")
+
+
+def test_unknown_model_id(tmp_path, env, mr_image):
+    out = tmp_path / "out.seg.nrrd"
+    _assert_clean_failure(srcsm("segment", mr_image, out, "--model", "no-such-model", env=env), out,
+                          "No model with id")
+
+
+def test_existing_output_is_not_overwritten(tmp_path, env, tiny_model, mr_image):
+    out = tmp_path / "out.seg.nrrd"
+    out.write_bytes(b"user's precious segmentation")
+    proc = srcsm("segment", mr_image, out, "--model", tiny_model, env=env)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert out.read_bytes() == b"user's precious segmentation"
+
+
+def test_unknown_output_type(tmp_path, env, tiny_model, mr_image):
+    out = tmp_path / "out.png"
+    _assert_clean_failure(srcsm("segment", mr_image, out, "--model", tiny_model, env=env), out, ".seg.nrrd")
+
+
+def test_cancel_leaves_no_partial_output(tmp_path, env, tiny_model, mr_image):
+    """SIGTERM during segmentation: exit 130, an error event, and no output file."""
+    import signal
+    import time
+
+    out = tmp_path / "out.seg.nrrd"
+    proc = subprocess.Popen([sys.executable, "-m", "SRCSMSegmenterLib.cli", "segment", str(mr_image), str(out),
+                             "--model", str(tiny_model), "--progress", "json", "--device", "cpu"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until the network runs
+        if '"progress"' in line and "window" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    rc = proc.wait(timeout=120)
+    assert rc == 130, rest
+    assert any(e["event"] == "error" and e["type"] == "CancelledError" for e in _json_lines(rest))
+    time.sleep(0.1)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial" in p.name]
