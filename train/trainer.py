@@ -282,11 +282,11 @@ class Trainer:
             img_t, lab_t = centre_crop(img_t, self.patch_kji), centre_crop(lab_t, self.patch_kji)
         scale = torch.from_numpy(norm[:, 0]).to(self.device).view(-1, 1, 1, 1, 1)
         offset = torch.from_numpy(norm[:, 1]).to(self.device).view(-1, 1, 1, 1, 1)
-        lo = -1.0
-        hi = 1.0 if self.norm.type == "ct_window" else None
-        x = normalize_tensor(img_t, scale, offset, lo, hi)
         if cfg.intensity_augmentation:
-            x = random_intensity(x, self.norm, self.gen)
+            # as the paper: normalise, shift/scale at random, then clamp once (random_intensity clamps)
+            x = random_intensity(normalize_tensor(img_t, scale, offset, None, None), self.norm, self.gen)
+        else:
+            x = normalize_tensor(img_t, scale, offset, -1.0, 1.0 if self.norm.type == "ct_window" else None)
         return x, lab_t
 
     def step(self) -> dict[str, float]:

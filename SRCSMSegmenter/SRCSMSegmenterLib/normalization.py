@@ -90,4 +90,6 @@ def normalize_tensor(x: torch.Tensor, scale: torch.Tensor | float, offset: torch
                      lo: float | None, hi: float | None) -> torch.Tensor:
     """Torch twin of :func:`normalize` for batched patches (scale/offset broadcast per sample)."""
     y = x * scale + offset
+    if lo is None and hi is None:
+        return y
     return torch.clamp(y, min=lo, max=hi)
