@@ -1,0 +1,145 @@
+"""What the model picker shows: one entry per catalogue model and its model card as HTML.
+
+The card answers what a user must know before trusting a result: what the model segments, which
+modality it was trained on (so what source matching maps to), on which data and under which terms,
+how accurate it measured, and how long it takes. All of it comes from ``model.json`` (the
+catalogue is data); nothing is hard-coded per model here.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .catalog import Catalog, CatalogEntry, DownloadableModel
+from .modelpackage import ModelCard
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One item of the model picker."""
+
+    id: str
+    name: str
+    origin: str  # bundled | installed | downloadable
+    path: Path | None
+    card: ModelCard | None
+    download: DownloadableModel | None = None
+
+    @property
+    def available(self) -> bool:
+        """Usable now (a readable package on disk)."""
+        return self.path is not None and self.card is not None
+
+    @property
+    def label(self) -> str:
+        """Text of the picker item."""
+        if self.card is not None:
+            text = f"{self.card.name} ({self.card.source.modality})"
+        else:
+            text = self.name
+        if self.origin == "downloadable":
+            text += " — not installed"
+        elif self.card is None:
+            text += " — unreadable"
+        return text
+
+    def card_html(self) -> str:
+        return model_card_html(self.card, self.origin, self.download, self.path)
+
+
+def choice_from_entry(entry: CatalogEntry) -> ModelChoice:
+    return ModelChoice(entry.id, entry.name, entry.origin, entry.path, entry.card, entry.download)
+
+
+def list_models(catalog: Catalog | None = None) -> list[ModelChoice]:
+    """Every model the catalogue knows: installed, then bundled, then downloadable (its own order)."""
+    catalog = catalog or Catalog()
+    return [choice_from_entry(e) for e in catalog.entries()]
+
+
+# -------------------------------------------------------------------------------------- HTML
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return _e(value)
+
+
+def _nested(value: Any, depth: int = 0) -> str:
+    """A free-form metrics/performance dict as nested lists (keys as given, numbers rounded)."""
+    if isinstance(value, dict):
+        if not value:
+            return "<i>none recorded</i>"
+        items = "".join(f"<li><b>{_e(k)}</b>: {_nested(v, depth + 1)}</li>" for k, v in value.items())
+        return f"<ul style='margin-top:0;margin-bottom:0'>{items}</ul>"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt_value(v) if not isinstance(v, (dict, list)) else _nested(v, depth + 1) for v in value)
+    return _fmt_value(value)
+
+
+def _swatch(color: tuple[float, float, float]) -> str:
+    r, g, b = (round(c * 255) for c in color)
+    return f"<span style='background-color:#{r:02x}{g:02x}{b:02x}'>&nbsp;&nbsp;&nbsp;&nbsp;</span>"
+
+
+def model_card_html(card: ModelCard | None, origin: str = "", download: DownloadableModel | None = None,
+                    path: Path | None = None) -> str:
+    """The model card: anatomy, source modality, labels, training data + terms, licence, measured
+    accuracy and time. Works for downloadable entries (no card yet) and unreadable packages too."""
+    if card is None:
+        if download is not None:
+            size = f" ({download.size_bytes / 1e6:.0f} MB)" if download.size_bytes else ""
+            return (f"<h3>{_e(download.name)}</h3><p>{_e(download.description)}</p>"
+                    f"<p><b>Not installed.</b> Download the package{size} from <a href='{_e(download.url)}'>"
+                    f"{_e(download.url)}</a> and use <i>Install model from file…</i>, or run "
+                    f"<code>srcsm models install {_e(download.id)}</code>.</p>"
+                    + (f"<p><b>Licence:</b> {_e(download.license)}</p>" if download.license else ""))
+        return (f"<h3>Unreadable model package</h3><p>The package at <code>{_e(path)}</code> could not be read. "
+                f"Run <code>srcsm models info {_e(path)}</code> for the reason, and reinstall it.</p>")
+    src = card.source.modality + (f" ({card.source.sequence})" if card.source.sequence else "")
+    labels = "".join(
+        f"<li>{_swatch(lab.color)} {lab.value}: {_e(lab.name)} "
+        f"<small>(SNOMED-CT {_e(lab.terminology.type.code)} {_e(lab.terminology.type.meaning)}"
+        + (f", {_e(lab.terminology.type_modifier.meaning)}" if lab.terminology.type_modifier else "")
+        + ")</small></li>"
+        for lab in card.labels.labels)
+    data = "".join(
+        f"<li>{_e(d.name)}" + (f", {d.cases} cases" if d.cases else "")
+        + f". <i>Terms:</i> {_e(d.terms)}"
+        + (f" <a href='{_e(d.url)}'>link</a>" if d.url else "")
+        + (f"<br><small>{_e(d.citation)}</small>" if d.citation else "") + "</li>"
+        for d in card.training_data)
+    spacing = " × ".join(f"{s:g}" for s in card.spacing)
+    origin_text = {"bundled": "bundled with the extension", "installed": "installed by you"}.get(origin, origin)
+    parts = [
+        f"<h3>{_e(card.name)} <small>{_e(card.version)}</small></h3>",
+        f"<p>{_e(card.description)}</p>",
+        "<table cellspacing='2'>",
+        f"<tr><td><b>Anatomy</b></td><td>{_e(card.anatomy)}</td></tr>",
+        f"<tr><td><b>Trained on</b></td><td>{_e(src)} — source matching maps other images onto this</td></tr>",
+        f"<tr><td><b>Model grid</b></td><td>{spacing} mm, patch {' × '.join(map(str, card.patch_size))}</td></tr>",
+        (f"<tr><td><b>Training</b></td><td>{_e(card.provenance.augmentation)}, "
+         f"{card.provenance.iterations} iterations, {_e(card.provenance.date)}</td></tr>"),
+        f"<tr><td><b>Licence</b></td><td>{_e(card.license)}</td></tr>",
+        (f"<tr><td><b>Model id</b></td><td><code>{_e(card.id)}</code>"
+         + (f" ({_e(origin_text)})" if origin_text else "") + "</td></tr>"),
+        "</table>",
+        f"<p><b>Labels</b></p><ul style='margin-top:0'>{labels}</ul>",
+        f"<p><b>Training data</b></p><ul style='margin-top:0'>{data}</ul>",
+        f"<p><b>Measured accuracy</b></p>{_nested(card.metrics)}",
+        f"<p><b>Expected time and memory</b></p>{_nested(card.performance)}",
+    ]
+    return "\n".join(parts)
+
+
+__all__ = ["ModelChoice", "choice_from_entry", "list_models", "model_card_html"]
