@@ -50,6 +50,11 @@ class TrainConfig(BaseModel):
     spatial_augmentation: bool = True
     intensity_augmentation: bool = True
     crop_margin: float = Field(1.25, ge=1.0, description="input crop = patch × margin, before spatial warping")
+    landmark_sampling: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of patches centred on the foreground bounding box (the paper's training ROI); "
+                    "the rest are random patches with foreground oversampling. With the generalised Dice "
+                    "loss a patch lacking a label gives almost no gradient, so large ROIs should be centred")
     foreground_oversampling: float = Field(0.33, ge=0.0, le=1.0)
     iterations: int = Field(50_000, ge=1)
     batch_size: int = Field(1, ge=1)

@@ -45,12 +45,19 @@ class PatchSampler:
     """
 
     def __init__(self, cases: list[CachedCase], crop_kji: tuple[int, int, int], fg_prob: float,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, landmark_prob: float = 0.0) -> None:
         self.cases, self.crop, self.fg_prob, self.rng = cases, crop_kji, fg_prob, rng
+        self.landmark_prob = landmark_prob
+        self.landmarks = {c.id: _landmark(c) for c in cases}
 
     def _centre(self, case: CachedCase) -> np.ndarray:
         shape = np.array(case.image.shape)
-        if case.foreground and self.rng.random() < self.fg_prob:
+        u = self.rng.random()
+        if u < self.landmark_prob:
+            # the paper's training ROI: centred on the foreground's bounding box (jittered later by the
+            # spatial augmentation's ±20 mm translation), so every label is in the patch
+            return self.landmarks[case.id]
+        if case.foreground and (u - self.landmark_prob) / max(1e-9, 1 - self.landmark_prob) < self.fg_prob:
             value = self.rng.choice(sorted(case.foreground))
             flat = case.foreground[value][self.rng.integers(len(case.foreground[value]))]
             return np.array(np.unravel_index(flat, case.image.shape))
@@ -82,6 +89,15 @@ class PatchSampler:
             norms.append([case.norm_scale, case.norm_offset])
             fills.append(case.fill_value)
         return np.stack(imgs)[:, None], np.stack(labs), np.array(norms, np.float32), np.array(fills, np.float32)
+
+
+def _landmark(case: CachedCase) -> np.ndarray:
+    """Centre of the foreground bounding box in voxel indices (K, J, I), or the volume centre."""
+    if not case.foreground:
+        return np.array(case.image.shape) // 2
+    flat = np.concatenate(list(case.foreground.values()))
+    kji = np.array(np.unravel_index(flat, case.image.shape))
+    return (kji.min(axis=1) + kji.max(axis=1)) // 2
 
 
 def centre_crop(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -376,7 +392,8 @@ class Trainer:
         cfg = self.cfg
         self.prepare_data()
         self.build()
-        self.sampler = PatchSampler(self.train_data, self.crop_kji, cfg.foreground_oversampling, self.rng)
+        self.sampler = PatchSampler(self.train_data, self.crop_kji, cfg.foreground_oversampling, self.rng,
+                                    cfg.landmark_sampling)
         if self.dist.main:
             (self.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         writer = None

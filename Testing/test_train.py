@@ -1,0 +1,205 @@
+"""train/: dataset validation, recipes, smoke training → export → segment → evaluate, resume, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SRCSMSegmenterLib.errors import InputError
+from SRCSMSegmenterLib.image import read_volume
+from SRCSMSegmenterLib.modelpackage import load_package
+
+from model_fixtures import SHARED_DATA, make_subset_dataset
+from train.config import TrainConfig, load_config
+from train.datasets import load_dataset, validate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _subset(tmp_path, name="Dataset501_AbdomenCT", train=("sabs_09", "sabs_10"), val=("sabs_06",)) -> Path:
+    return make_subset_dataset(tmp_path / name, SHARED_DATA / name, list(train), list(val))
+
+
+def _tiny_config(tmp_path, dataset: Path, **kw) -> TrainConfig:
+    base = dict(
+        dataset=str(dataset), model={"id": "t", "name": "t", "anatomy": "abdomen"},
+        spacing=(9.6, 9.6, 9.6), patch_size=(16, 16, 16),
+        network={"architecture": "srcsm_unet", "parameters": {"channels": [4, 8], "dropout": 0.0}},
+        augmentation="src", iterations=12, batch_size=1, learning_rate=1e-3, val_every=0,
+        checkpoint_every=6, log_every=1, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "run"),
+        precision="fp32", seed=3,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "log.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+
+
+# ------------------------------------------------------------------------------- validation
+def test_recipes_are_valid():
+    recipes = sorted((REPO / "train" / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for r in recipes:
+        cfg = load_config(r)
+        assert Path(REPO / cfg.dataset).exists() or Path(cfg.dataset).exists(), r
+
+
+def test_dataset_loads_with_splits(shared_data):
+    ds = load_dataset(shared_data / "Dataset501_AbdomenCT")
+    assert ds.modality == "CT" and len(ds.cases) == 30
+    assert len(ds.split("train")) == 21 and len(ds.split("val")) == 3
+    assert ds.label_values == {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
+    with pytest.raises(InputError, match="no split 'fold9'"):
+        ds.split("fold9")
+
+
+def _broken_dataset(tmp_path, mutate) -> Path:
+    root = _subset(tmp_path, train=("sabs_09",), val=())
+    lab_link = root / "labelsTr" / "sabs_09.nii.gz"
+    label = sitk.ReadImage(str(lab_link))
+    lab_link.unlink()
+    sitk.WriteImage(mutate(label), str(lab_link))
+    return root
+
+
+@pytest.mark.parametrize("problem,pattern", [
+    ("shape", "shape"), ("geometry", "geometry differ"), ("undeclared", "not declared"), ("empty", "empty"),
+])
+def test_dataset_validation_names_the_case(tmp_path, problem, pattern):
+    def mutate(label):
+        arr = sitk.GetArrayFromImage(label)
+        if problem == "shape":
+            out = sitk.GetImageFromArray(arr[:-1])
+            out.CopyInformation(label[:, :, :-1])
+            return out
+        if problem == "geometry":
+            label.SetOrigin([o + 5 for o in label.GetOrigin()])
+            return label
+        arr = arr.copy()
+        if problem == "undeclared":
+            arr[arr == 1] = 9
+        else:
+            arr[:] = 0
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(label)
+        return out
+
+    root = _broken_dataset(tmp_path, mutate)
+    with pytest.raises(InputError, match=pattern) as info:
+        validate_dataset(load_dataset(root))
+    assert "sabs_09" in str(info.value)
+
+
+def test_missing_label_file(tmp_path):
+    root = _subset(tmp_path, train=("sabs_09",), val=())
+    (root / "labelsTr" / "sabs_09.nii.gz").unlink()
+    with pytest.raises(InputError, match="sabs_09"):
+        load_dataset(root)
+
+
+def test_patch_size_must_fit_the_network(tmp_path):
+    with pytest.raises(ValueError, match="divisible"):
+        _tiny_config(tmp_path, tmp_path, patch_size=(20, 16, 16), network={
+            "architecture": "srcsm_unet", "parameters": {"channels": [4, 8, 16, 32]}})
+
+
+# ----------------------------------------------------------------------------- smoke + resume
+def test_smoke_train_export_segment_evaluate(tiny_model, tmp_path, shared_data):
+    """The issue's CI smoke test: trained with SRC on two real CT cases (tiny_model), exported, reloaded
+    through the core library, applied to a real MR case and evaluated, with and without SM."""
+    from train.evaluate import evaluate_model
+
+    pkg = load_package(tiny_model)
+    assert pkg.card.provenance.augmentation == "src"
+    assert pkg.card.training_data[0].cases == 2
+    run_log = (tiny_model.parent / "run" / "log.csv").read_text()
+    assert "val_dice_mean" in run_log  # validation Dice ran
+    assert (tiny_model.parent / "run" / "config.json").is_file()  # full configuration recorded
+    mr = make_subset_dataset(tmp_path / "Dataset502_AbdomenMRT2", shared_data / "Dataset502_AbdomenMRT2",
+                             ["chaos_13"], ["chaos_01"])
+    summary = evaluate_model(tiny_model, mr, tmp_path / "eval", split="val", device="cpu", log=lambda m: None)
+    assert set(summary["settings"]) == {"with SM", "without SM"}
+    for name in ("metrics.csv", "summary.csv", "summary.md", "boxplot_dice.png", "summary.json"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    assert len(rows) == 2 * 4  # two settings × four labels × one case
+    pred = read_volume(tmp_path / "eval" / "predictions" / "with_sm" / "chaos_01.nii.gz")
+    assert pred.geometry.almost_equal(read_volume(mr / "imagesTr" / "chaos_01_0000.nii.gz").geometry, 1e-5)
+
+
+def test_resume_continues_exactly(tmp_path):
+    from train.trainer import Trainer
+
+    ds = _subset(tmp_path)
+    full = _tiny_config(tmp_path, ds, output_dir=str(tmp_path / "full"))
+    Trainer(full, log=lambda m: None).fit()
+    part = _tiny_config(tmp_path, ds, output_dir=str(tmp_path / "part"))
+    Trainer(part, log=lambda m: None).fit(until_iteration=6)
+    state = json.loads((tmp_path / "part" / "checkpoint.json").read_text())
+    assert state["iteration"] == 6
+    Trainer(part, resume=True, log=lambda m: None).fit()
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert len(a) == len(b) == 12
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_time_limit_checkpoints_and_stops(tmp_path):
+    from train.trainer import Trainer
+
+    cfg = _tiny_config(tmp_path, _subset(tmp_path), iterations=10_000, checkpoint_every=10_000)
+    result = Trainer(cfg, log=lambda m: None).fit(time_limit_s=3)
+    assert 0 < result["iteration"] < 10_000
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["iteration"] == result["iteration"]
+
+
+@pytest.mark.parametrize("augmentation", ["none", "src_hard", "rcnet_global", "randconv", "gin", "gin_ipa"])
+def test_every_augmentation_trains(tmp_path, augmentation):
+    from train.trainer import Trainer
+
+    cfg = _tiny_config(tmp_path, _subset(tmp_path), augmentation=augmentation, iterations=3, checkpoint_every=3)
+    result = Trainer(cfg, log=lambda m: None).fit()
+    assert result["iteration"] == 3
+    assert all(np.isfinite(_losses(tmp_path / "run")))
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    """torchrun with two CPU processes (gloo, batch 1 each) vs. one process with batch 2: both see two
+    patches per step; the loss curves must have the same shape (both fall, similar level)."""
+    ds = _subset(tmp_path, train=("sabs_09", "sabs_10", "sabs_11"), val=())
+    # a patch covering the whole abdomen at 9.6 mm, so every label is present and GDL gives a signal
+    common = ["--set", "iterations=60", "--set", "log_every=5", "--set", "checkpoint_every=60",
+              "--set", "augmentation=none", "--set", "learning_rate=3e-3"]
+    cfg_path = tmp_path / "cfg.json"
+    cfg = _tiny_config(tmp_path, ds, val_split=None, patch_size=(32, 32, 32), network={
+        "architecture": "srcsm_unet", "parameters": {"channels": [8, 16], "dropout": 0.0}}).model_dump(mode="json")
+    cfg_path.write_text(json.dumps(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "train", "fit", str(cfg_path), *common, "--set", "batch_size=2",
+                          "--set", f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "train", "fit", str(cfg_path), *common, "--set", "batch_size=1",
+                          "--set", f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    state = json.loads((tmp_path / "two" / "checkpoint.json").read_text())
+    assert state["world_size"] == 2 and state["iteration"] == 60
+    assert len(state["numpy_rng"]) == 2  # both ranks' sampling streams are checkpointed
+    a, b = np.array(_losses(tmp_path / "one")), np.array(_losses(tmp_path / "two"))
+    assert len(a) == len(b) == 12
+    for curve in (a, b):
+        assert curve[-4:].mean() < curve[:2].mean() - 0.01  # both learn
+    assert abs(a[-4:].mean() - b[-4:].mean()) < 0.05  # and end at a similar level
