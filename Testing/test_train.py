@@ -203,3 +203,24 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     for curve in (a, b):
         assert curve[-4:].mean() < curve[:2].mean() - 0.01  # both learn
     assert abs(a[-4:].mean() - b[-4:].mean()) < 0.05  # and end at a similar level
+
+
+def test_ablation_plan_and_table(tmp_path, monkeypatch):
+    """The ablation plan covers every protocol × method plus in-domain references, and the table
+    reports finished evaluations and marks the rest as not finished."""
+    from train import ablation
+
+    runs = ablation.plan()
+    assert len(runs) == len(ablation.PROTOCOLS) * (len(ablation.METHODS) + 1)
+    assert len({r.name for r in runs}) == len(runs)
+    for r in runs:
+        assert (ablation.DATA / r.protocol.source).is_dir() and r.eval_dataset.is_dir()
+    monkeypatch.setattr(ablation.Run, "eval_dir", property(lambda self: tmp_path / "eval" / self.name))
+    monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "runs" / self.name))
+    done = runs[0]
+    done.eval_dir.mkdir(parents=True)
+    (done.eval_dir / "summary.json").write_text(json.dumps({"settings": {
+        "with SM": {"mean": {"dice": 0.5, "assd": 7.25}}, "without SM": {"mean": {"dice": 0.25, "assd": 9.0}}}}))
+    text = ablation.table(tmp_path / "ablation.md").read_text()
+    assert "| ct2mr | none | 0 | 0.500 | 0.250 | 7.25 | 9.00 |" in text
+    assert text.count("not finished") == len(runs) - 1
