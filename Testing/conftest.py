@@ -46,7 +46,7 @@ def real_case(shared_data):
         for path in (image, label):
             if not path.is_file():
                 pytest.fail(f"Test case file missing: '{path}'.", pytrace=False)
-        labels = json.loads((root / "dataset.json").read_text())["labels"]
+        labels = json.loads((root / "dataset.json").read_text(encoding="utf-8"))["labels"]
         return image, label, label_table_from_dataset_labels(labels)
 
     return get

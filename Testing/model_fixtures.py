@@ -22,14 +22,14 @@ def make_subset_dataset(root: Path, source: Path, train: list[str], val: list[st
     root.mkdir(parents=True, exist_ok=True)
     (root / "imagesTr").mkdir(exist_ok=True)
     (root / "labelsTr").mkdir(exist_ok=True)
-    meta = json.loads((source / "dataset.json").read_text())
-    (root / "dataset.json").write_text(json.dumps(meta))
+    meta = json.loads((source / "dataset.json").read_text(encoding="utf-8"))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     for case in train + val:
         for sub, name in (("imagesTr", f"{case}_0000.nii.gz"), ("labelsTr", f"{case}.nii.gz")):
             link = root / sub / name
             if not link.exists():
                 os.symlink(source / sub / name, link)
-    (root / "splits.json").write_text(json.dumps({"train": train, "val": val}))
+    (root / "splits.json").write_text(json.dumps({"train": train, "val": val}), encoding="utf-8")
     return root
 
 

@@ -75,7 +75,7 @@ def test_match_writes_the_matched_image(tmp_path, env, tiny_model, mr_image):
     out = tmp_path / "matched.nrrd"
     srcsm("match", mr_image, out, "--model", tiny_model, "--progress", "none", env=env, check_rc=0)
     matched = read_volume(out)
-    card = json.loads((tiny_model / MODEL_JSON).read_text())
+    card = json.loads((tiny_model / MODEL_JSON).read_text(encoding="utf-8"))
     profile = card["source_profile"]
     assert matched.array.min() == profile["overall_min"]
     assert matched.array.max() == profile["values"][-1]
@@ -152,9 +152,9 @@ def test_tampered_model(tmp_path, env, tiny_model, mr_image):
 def test_model_with_foreign_schema_version(tmp_path, env, tiny_model, mr_image):
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_model, pkg)
-    card = json.loads((pkg / MODEL_JSON).read_text())
+    card = json.loads((pkg / MODEL_JSON).read_text(encoding="utf-8"))
     card["schema_version"] = 99
-    (pkg / MODEL_JSON).write_text(json.dumps(card))
+    (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
     out = tmp_path / "out.seg.nrrd"
     _assert_clean_failure(srcsm("segment", mr_image, out, "--model", pkg, env=env), out, "schema_version")
 

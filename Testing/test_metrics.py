@@ -440,7 +440,7 @@ def test_write_reports(tmp_path):
     # Only the reports: no temporary files left behind by the atomic writes.
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == sorted(p.name for p in out.values())
 
-    with open(out["metrics"], newline="") as handle:
+    with open(out["metrics"], newline="", encoding="utf-8") as handle:
         table = list(csv.reader(handle))
     assert tuple(table[0]) == COLUMNS and len(table) == 1 + len(rows)
     back = read_csv(out["metrics"])
@@ -450,7 +450,7 @@ def test_write_reports(tmp_path):
     summary = read_csv(out["summary_csv"])
     assert tuple(summary[0]) == SUMMARY_COLUMNS and len(summary) == 2 * 3
 
-    text = out["summary_md"].read_text()
+    text = out["summary_md"].read_text(encoding="utf-8")
     words = ("with SM", "without SM", "liver", "spleen", "mean over labels", "HD95", "ASSD", "max SD", "±",
              "Convention: srcsm.")
     for word in words:

@@ -30,7 +30,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _card(path: Path) -> dict:
-    return json.loads((path / MODEL_JSON).read_text())
+    return json.loads((path / MODEL_JSON).read_text(encoding="utf-8"))
 
 
 def test_load_folder_and_build_network(tiny_model):
@@ -84,7 +84,7 @@ def test_schema_version_mismatch(tiny_model, tmp_path):
     pkg = _copy(tiny_model, tmp_path / "pkg")
     card = _card(pkg)
     card["schema_version"] = 2
-    (pkg / MODEL_JSON).write_text(json.dumps(card))
+    (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelPackageError, match="schema_version 2"):
         load_package(pkg)
 
@@ -93,7 +93,7 @@ def test_labels_that_do_not_fit_the_network(tiny_model, tmp_path):
     pkg = _copy(tiny_model, tmp_path / "pkg")
     card = _card(pkg)
     card["labels"]["labels"] = card["labels"]["labels"][:2]
-    (pkg / MODEL_JSON).write_text(json.dumps(card))
+    (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelPackageError, match="label table"):
         load_package(pkg)
 
@@ -102,7 +102,7 @@ def test_non_consecutive_labels(tiny_model, tmp_path):
     pkg = _copy(tiny_model, tmp_path / "pkg")
     card = _card(pkg)
     card["labels"]["labels"][1]["value"] = 7
-    (pkg / MODEL_JSON).write_text(json.dumps(card))
+    (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelPackageError, match="1..N"):
         load_package(pkg)
 
@@ -111,10 +111,10 @@ def test_unknown_fields_and_bad_json(tiny_model, tmp_path):
     pkg = _copy(tiny_model, tmp_path / "pkg")
     card = _card(pkg)
     card["surprise"] = 1
-    (pkg / MODEL_JSON).write_text(json.dumps(card))
+    (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelPackageError, match="does not match the schema"):
         load_package(pkg)
-    (pkg / MODEL_JSON).write_text("{not json")
+    (pkg / MODEL_JSON).write_text("{not json", encoding="utf-8")
     with pytest.raises(ModelPackageError, match="not valid JSON"):
         load_package(pkg)
 
@@ -186,7 +186,7 @@ def test_catalog_lists_bundled_installed_downloadable(catalog, tiny_model, tmp_p
     index = {"schema_version": 1, "models": [
         {"id": "remote-model", "name": "Remote", "url": "https://example.invalid/remote-model.zip",
          "sha256": "0" * 64}]}
-    (catalog.bundled_dirs[0] / "catalog.json").write_text(json.dumps(index))
+    (catalog.bundled_dirs[0] / "catalog.json").write_text(json.dumps(index), encoding="utf-8")
     catalog.install(z)
     origins = {e.id: e.origin for e in catalog.entries()}
     assert origins == {"tiny-ct": "bundled", "user-model": "installed", "remote-model": "downloadable"}
@@ -219,7 +219,7 @@ def test_download_is_verified(catalog, tiny_model, tmp_path):
     for sha, ok in (("2" * 64, False), (digest, True)):
         index = {"schema_version": 1, "models": [
             {"id": "remote-model", "name": "Remote", "url": z.as_uri(), "sha256": sha}]}
-        (catalog.bundled_dirs[0] / "catalog.json").write_text(json.dumps(index))
+        (catalog.bundled_dirs[0] / "catalog.json").write_text(json.dumps(index), encoding="utf-8")
         if ok:
             entry = catalog.install("remote-model")
             assert entry.origin == "installed" and load_package(entry.path).card.id == "remote-model"

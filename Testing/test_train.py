@@ -43,7 +43,7 @@ def _tiny_config(tmp_path, dataset: Path, **kw) -> TrainConfig:
 
 
 def _losses(run_dir: Path) -> list[float]:
-    with open(run_dir / "log.csv") as f:
+    with open(run_dir / "log.csv", encoding="utf-8") as f:
         return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
 
 
@@ -124,7 +124,7 @@ def test_smoke_train_export_segment_evaluate(tiny_model, tmp_path, shared_data):
     pkg = load_package(tiny_model)
     assert pkg.card.provenance.augmentation == "src"
     assert pkg.card.training_data[0].cases == 2
-    run_log = (tiny_model.parent / "run" / "log.csv").read_text()
+    run_log = (tiny_model.parent / "run" / "log.csv").read_text(encoding="utf-8")
     assert "val_dice_mean" in run_log  # validation Dice ran
     assert (tiny_model.parent / "run" / "config.json").is_file()  # full configuration recorded
     mr = make_subset_dataset(tmp_path / "Dataset502_AbdomenMRT2", shared_data / "Dataset502_AbdomenMRT2",
@@ -133,7 +133,7 @@ def test_smoke_train_export_segment_evaluate(tiny_model, tmp_path, shared_data):
     assert set(summary["settings"]) == {"with SM", "without SM"}
     for name in ("metrics.csv", "summary.csv", "summary.md", "boxplot_dice.png", "summary.json"):
         assert (tmp_path / "eval" / name).is_file(), name
-    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv", encoding="utf-8")))
     assert len(rows) == 2 * 4  # two settings × four labels × one case
     pred = read_volume(tmp_path / "eval" / "predictions" / "with_sm" / "chaos_01.nii.gz")
     assert pred.geometry.almost_equal(read_volume(mr / "imagesTr" / "chaos_01_0000.nii.gz").geometry, 1e-5)
@@ -147,7 +147,7 @@ def test_resume_continues_exactly(tmp_path):
     Trainer(full, log=lambda m: None).fit()
     part = _tiny_config(tmp_path, ds, output_dir=str(tmp_path / "part"))
     Trainer(part, log=lambda m: None).fit(until_iteration=6)
-    state = json.loads((tmp_path / "part" / "checkpoint.json").read_text())
+    state = json.loads((tmp_path / "part" / "checkpoint.json").read_text(encoding="utf-8"))
     assert state["iteration"] == 6
     Trainer(part, resume=True, log=lambda m: None).fit()
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
@@ -161,7 +161,7 @@ def test_time_limit_checkpoints_and_stops(tmp_path):
     cfg = _tiny_config(tmp_path, _subset(tmp_path), iterations=10_000, checkpoint_every=10_000)
     result = Trainer(cfg, log=lambda m: None).fit(time_limit_s=3)
     assert 0 < result["iteration"] < 10_000
-    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["iteration"] == result["iteration"]
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text(encoding="utf-8"))["iteration"] == result["iteration"]
 
 
 @pytest.mark.parametrize("augmentation", ["none", "src_hard", "rcnet_global", "randconv", "gin", "gin_ipa"])
@@ -184,7 +184,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg = _tiny_config(tmp_path, ds, val_split=None, patch_size=(32, 32, 32), network={
         "architecture": "srcsm_unet", "parameters": {"channels": [8, 16], "dropout": 0.0}}).model_dump(mode="json")
-    cfg_path.write_text(json.dumps(cfg))
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "train", "fit", str(cfg_path), *common, "--set", "batch_size=2",
                           "--set", f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env,
@@ -195,7 +195,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
                           "--set", f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env,
                          timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
-    state = json.loads((tmp_path / "two" / "checkpoint.json").read_text())
+    state = json.loads((tmp_path / "two" / "checkpoint.json").read_text(encoding="utf-8"))
     assert state["world_size"] == 2 and state["iteration"] == 60
     assert len(state["numpy_rng"]) == 2  # both ranks' sampling streams are checkpointed
     a, b = np.array(_losses(tmp_path / "one")), np.array(_losses(tmp_path / "two"))
@@ -219,8 +219,8 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "runs" / self.name))
     done = runs[0]
     done.eval_dir.mkdir(parents=True)
-    (done.eval_dir / "summary.json").write_text(json.dumps({"settings": {
+    (done.eval_dir / "summary.json").write_text(encoding="utf-8", data=json.dumps({"settings": {
         "with SM": {"mean": {"dice": 0.5, "assd": 7.25}}, "without SM": {"mean": {"dice": 0.25, "assd": 9.0}}}}))
-    text = ablation.table(tmp_path / "ablation.md").read_text()
+    text = ablation.table(tmp_path / "ablation.md").read_text(encoding="utf-8")
     assert "| ct2mr | none | 0 | 0.500 | 0.250 | 7.25 | 9.00 |" in text
     assert text.count("not finished") == len(runs) - 1

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .export import export_run
 
-            metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-            perf = json.loads(Path(args.performance).read_text()) if args.performance else None
+            metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8")) if args.metrics else None
+            perf = json.loads(Path(args.performance).read_text(encoding="utf-8")) if args.performance else None
             export_run(args.run_dir, args.destination, metrics, perf, overwrite=args.overwrite)
             return 0
         if args.command == "evaluate":

@@ -57,7 +57,7 @@ def build_cache(dataset: Dataset, cases: list[Case], root: Path, spacing: tuple[
     folder.mkdir(parents=True, exist_ok=True)
     info = {"dataset": str(dataset.root), "spacing": list(spacing), "pre_smoothing_mm": pre_smoothing_mm,
             "normalization": normalization.model_dump(mode="json"), "version": CACHE_VERSION}
-    (folder / "cache.json").write_text(json.dumps(info, indent=2))
+    (folder / "cache.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     for case in cases:
         meta_path = folder / f"{case.id}.json"
         if meta_path.is_file():
@@ -74,7 +74,7 @@ def build_cache(dataset: Dataset, cases: list[Case], root: Path, spacing: tuple[
                 "spacing": list(grid.geometry.spacing), "norm": [scale, offset, lo, hi], "fill": fill,
                 "labels_present": sorted(int(v) for v in np.unique(lab.array) if v)}
         tmp = meta_path.with_name(f".{meta_path.name}.partial")
-        tmp.write_text(json.dumps(meta))
+        tmp.write_text(json.dumps(meta), encoding="utf-8")
         os.replace(tmp, meta_path)  # written last: its presence marks a complete case
         log(f"cached {case.id}: {tuple(img.array.shape)} voxels at {spacing} mm")
     return folder
@@ -83,7 +83,7 @@ def build_cache(dataset: Dataset, cases: list[Case], root: Path, spacing: tuple[
 def load_cached(folder: Path, case_ids: list[str]) -> list[CachedCase]:
     out = []
     for cid in case_ids:
-        meta = json.loads((folder / f"{cid}.json").read_text())
+        meta = json.loads((folder / f"{cid}.json").read_text(encoding="utf-8"))
         image = np.load(folder / f"{cid}_img.npy", mmap_mode="r")
         label = np.load(folder / f"{cid}_lbl.npy", mmap_mode="r")
         flat = np.asarray(label).reshape(-1)

@@ -83,7 +83,7 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
             "name": row.get("name"), "dice": row.get("dice_mean"), "assd": row.get("assd_mean"),
             "hd95": row.get("hd95_mean"), "max_sd": row.get("max_sd_mean")}
     tmp = out / ".summary.json.partial"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    tmp.write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
     os.replace(tmp, out / "summary.json")
     log(f"reports in {out}")
     return summary

@@ -142,7 +142,7 @@ def load_checkpoint(out_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], 
     for k, v in tensors.items():
         head, rest = k.split(".", 1)
         groups[head][rest] = v
-    state = json.loads((out_dir / CHECKPOINT_STATE).read_text())
+    state = json.loads((out_dir / CHECKPOINT_STATE).read_text(encoding="utf-8"))
     return groups, state
 
 
@@ -395,7 +395,7 @@ class Trainer:
         self.sampler = PatchSampler(self.train_data, self.crop_kji, cfg.foreground_oversampling, self.rng,
                                     cfg.landmark_sampling)
         if self.dist.main:
-            (self.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+            (self.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
         writer = None
         if self.dist.main:
             try:
@@ -463,17 +463,17 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
     existing: list[dict[str, Any]] = []
     fields: list[str] = []
     if path.is_file():
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             existing = list(reader)
             fields = list(reader.fieldnames or [])
     new_fields = fields + [k for k in row if k not in fields]
     if new_fields == fields and fields:
-        with open(path, "a", newline="") as f:
+        with open(path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=fields).writerow(row)
         return
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=new_fields)
         w.writeheader()
         for r in existing:

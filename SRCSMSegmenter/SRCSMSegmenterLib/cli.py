@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -253,6 +251,11 @@ def cmd_demo(args: argparse.Namespace, reporter) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        try:  # a non-UTF-8 console (C locale, Windows code page) must not turn "≠" into a crash
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
     args = build_parser().parse_args(argv)
     from .progress import ProgressReporter
 

@@ -83,7 +83,7 @@ def bundled_dir(tmp_path, module_model) -> Path:
     folder = tmp_path / "Models"
     folder.mkdir()
     os.symlink(module_model, folder / module_model.name, target_is_directory=True)
-    (folder / "catalog.json").write_text(json.dumps({"schema_version": 1, "models": [{
+    (folder / "catalog.json").write_text(encoding="utf-8", data=json.dumps({"schema_version": 1, "models": [{
         "id": "heart-mr-download", "name": "Heart MR (download)", "description": "A downloadable model.",
         "url": "https://example.org/heart-mr-download.zip", "sha256": "0" * 64, "size_bytes": 25_000_000,
         "license": "CC BY 4.0"}]}))

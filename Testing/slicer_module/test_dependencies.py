@@ -45,7 +45,7 @@ def test_required_modules_are_what_the_pipeline_imports():
 
 def test_minimum_versions_match_pyproject():
     """One set of version ranges: the module's check and pyproject.toml must agree."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     ranges = {}
     for spec in project:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)", spec.strip())
@@ -59,7 +59,7 @@ def test_minimum_versions_match_pyproject():
 def test_missing_too_old_and_broken_are_told_apart(tmp_path, monkeypatch):
     broken_dir = tmp_path / "site"
     broken_dir.mkdir()
-    (broken_dir / "srcsm_broken_pkg.py").write_text("raise ImportError('libfoo.so: cannot open shared object')\n")
+    (broken_dir / "srcsm_broken_pkg.py").write_text("raise ImportError('libfoo.so: cannot open shared object')\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(broken_dir))
     missing = check_requirement(Requirement("srcsm-no-such-package", "srcsm_no_such_package", "1.0"))
     old = check_requirement(Requirement("numpy", "numpy", "999.0"))

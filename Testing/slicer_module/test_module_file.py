@@ -24,7 +24,7 @@ def fake_slicer_app(tmp_path, monkeypatch):
     home = tmp_path / "Slicer-5.12"
     (home / "bin").mkdir(parents=True)
     launcher = home / "bin" / "PythonSlicer"
-    launcher.write_text("#!/bin/sh\nexit 0\n")
+    launcher.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
     launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "empty-path").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))  # PythonSlicer is not on PATH: use slicerHome

@@ -19,7 +19,7 @@ EXTENSION_FIELDS = ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICON
 
 
 def _cmake_text(path) -> str:
-    return re.sub(r"(?m)(^|\s)#[^\n]*", r"\1", path.read_text())  # drop comments (not the "#" in URLs)
+    return re.sub(r"(?m)(^|\s)#[^\n]*", r"\1", path.read_text(encoding="utf-8"))  # drop comments (not the "#" in URLs)
 
 
 def _cmake_list(text: str, variable: str) -> list[str]:
@@ -66,8 +66,8 @@ def test_resources_and_data_are_shipped(cmake):
     assert "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/Resources/${data_file}" in cmake
     assert "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources/${data_dir}" in cmake
     # ... which is where the Lib looks when installed: <folder holding SRCSMSegmenterLib>/Resources/...
-    assert 'here.parent / "Resources" / "Models"' in (LIB_DIR / "catalog.py").read_text()
-    assert 'here.parent / "Resources" / "Sample"' in (LIB_DIR / "demo.py").read_text()
+    assert 'here.parent / "Resources" / "Models"' in (LIB_DIR / "catalog.py").read_text(encoding="utf-8")
+    assert 'here.parent / "Resources" / "Sample"' in (LIB_DIR / "demo.py").read_text(encoding="utf-8")
 
 
 def test_slicer_build_macro_and_unittest_registration(cmake):
@@ -120,7 +120,7 @@ def _ui_widgets() -> dict[str, ET.Element]:
 
 
 def test_every_widget_the_module_uses_exists_in_the_ui():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used, "the module uses no widgets?"
     missing = used - set(_ui_widgets())
     assert not missing, f"the module uses widgets the .ui does not define: {missing}"
@@ -161,7 +161,7 @@ def test_ui_widgets_are_configured_as_the_design_says():
 
 
 def test_ui_parameter_bindings_name_parameter_node_fields():
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SRCSMSegmenterParameterNode")
     fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
     assert fields == {"inputVolume", "modelId", "sourceMatching", "device", "roi", "outputSegmentation"}
@@ -176,7 +176,7 @@ def test_device_choices_agree_between_ui_module_and_logic():
     combo = _ui_widgets()["deviceComboBox"]
     items = [i.find("property/string").text for i in combo.findall("item")]
     assert items == [text for _, text in DEVICE_CHOICES]
-    m = re.search(r"^DEVICES = \((.*?)\)$", MODULE_FILE.read_text(), re.MULTILINE)
+    m = re.search(r"^DEVICES = \((.*?)\)$", MODULE_FILE.read_text(encoding="utf-8"), re.MULTILINE)
     assert ast.literal_eval(f"({m.group(1)})") == tuple(value for value, _ in DEVICE_CHOICES)
     from SRCSMSegmenterLib.cli import build_parser
 

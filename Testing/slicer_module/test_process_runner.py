@@ -20,7 +20,7 @@ POSIX = sys.platform != "win32"
 
 def _script(tmp_path: Path, body: str) -> list[str]:
     path = tmp_path / "child.py"
-    path.write_text(textwrap.dedent(body))
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
     return [sys.executable, str(path)]
 
 
@@ -43,7 +43,7 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return False
     return state not in ("Z", "X")
