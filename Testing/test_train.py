@@ -224,3 +224,19 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     text = ablation.table(tmp_path / "ablation.md").read_text(encoding="utf-8")
     assert "| ct2mr | none | 0 | 0.500 | 0.250 | 7.25 | 9.00 |" in text
     assert text.count("not finished") == len(runs) - 1
+
+
+def test_export_float16_weights_halves_the_package_and_agrees(tiny_model, tmp_path):
+    import torch
+
+    from train.export import export_run
+
+    half = export_run(tiny_model.parent / "run", tmp_path / "half", weights_dtype="float16", log=lambda m: None)
+    size = lambda p: (p / "weights.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(tiny_model)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        a = torch.softmax(load_package(tiny_model).build_network()(x), 1)
+        b = torch.softmax(load_package(half).build_network()(x), 1)
+    assert next(load_package(half).build_network().parameters()).dtype == torch.float32
+    assert float((a - b).abs().max()) < 1e-2

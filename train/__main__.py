@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics", help="JSON file of measured metrics to put in the model card")
     e.add_argument("--performance", help="JSON file of measured time/memory for the model card")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--weights-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="storage type of the weights (float16 halves the package; loaded as float32)")
 
     v = sub.add_parser("evaluate", help="segment a labelled dataset, with and without source matching, and report")
     v.add_argument("model", help="model package path or catalogue id")
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8")) if args.metrics else None
             perf = json.loads(Path(args.performance).read_text(encoding="utf-8")) if args.performance else None
-            export_run(args.run_dir, args.destination, metrics, perf, overwrite=args.overwrite)
+            export_run(args.run_dir, args.destination, metrics, perf, overwrite=args.overwrite,
+                       weights_dtype=args.weights_dtype)
             return 0
         if args.command == "evaluate":
             from .evaluate import evaluate_model

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from SRCSMSegmenterLib import __version__
 from SRCSMSegmenterLib.image import read_volume
 from SRCSMSegmenterLib.labels import label_table_from_dataset_labels
@@ -42,7 +44,10 @@ def fit_source_profile(config: TrainConfig, log=print) -> SourceProfile:
 
 
 def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, Any] | None = None,
-               performance: dict[str, Any] | None = None, overwrite: bool = False, log=print) -> Path:
+               performance: dict[str, Any] | None = None, overwrite: bool = False, log=print,
+               weights_dtype: str = "float32") -> Path:
+    """Write the run's EMA weights as a model package. ``weights_dtype="float16"`` halves the file (the
+    bundled-model limit is 25 MB); the weights are cast back to float32 when loaded."""
     run_dir = Path(run_dir)
     groups, state = load_checkpoint(run_dir)
     config = TrainConfig.model_validate(state["config"])
@@ -81,6 +86,11 @@ def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, 
         "metrics": metrics or {},
         "performance": performance or {},
     }
-    out = save_package(card, groups["ema"], destination, overwrite=overwrite)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if weights_dtype not in dtypes:
+        raise ValueError(f"weights_dtype must be one of {', '.join(dtypes)}")
+    weights = {k: v.to(dtypes[weights_dtype]) if v.is_floating_point() else v for k, v in groups["ema"].items()}
+    card["provenance"]["config"]["export_weights_dtype"] = weights_dtype
+    out = save_package(card, weights, destination, overwrite=overwrite)
     log(f"exported {config.model.id} (iteration {state['iteration']}) to {out}")
     return out

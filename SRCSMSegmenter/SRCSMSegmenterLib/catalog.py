@@ -188,8 +188,8 @@ class Catalog:
     def _install_local(self, path: Path, expected_sha256: str | None, overwrite: bool) -> CatalogEntry:
         if path.is_file():
             digest = sha256_file(path)
-            listed = None
             pkg = load_package(path)  # validates schema, checksum of the weights and zip entries
+            # a zip downloaded by hand from the catalogue URL is verified against the catalogue's sha256
             listed = {m.id: m for m in self.index().models}.get(pkg.card.id)
             if expected_sha256 is None and listed is not None and listed.url.endswith(path.name):
                 expected_sha256 = listed.sha256
