@@ -120,6 +120,11 @@ def test_float_mr_is_not_truncated(mr_volume, ct_profile):
 
 def test_guess_modality(shared_data, mr_volume):
     assert guess_modality(mr_volume.array) == "MR"
+    # the published CT is already windowed to [-125, 275] HU: still recognised as CT
+    assert guess_modality(_img(shared_data, "Dataset501", "sabs_00").array) == "CT"
+    for case in ("pat_01", "pat_02"):  # cardiac MR
+        root = next(shared_data.glob("Dataset503_*"))
+        assert guess_modality(read_volume(root / "imagesTr" / f"{case}_0000.nii.gz").array) == "MR"
     hu = Volume(np.concatenate([np.full((2, 8, 8), -1000, np.int16), np.zeros((2, 8, 8), np.int16)]),
                 mr_volume.geometry)
     assert guess_modality(hu.array) == "CT"

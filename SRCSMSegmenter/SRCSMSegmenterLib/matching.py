@@ -39,13 +39,18 @@ def _slabs(n: int, step: int = _SLAB_VOXELS) -> Iterable[slice]:
         yield slice(start, min(n, start + step))
 
 
-def guess_modality(array: np.ndarray) -> Modality:
-    """CT if the image holds air in Hounsfield units (a minimum below -500), else MR.
+#: Below this minimum an image is taken for CT: Hounsfield units go negative (air -1000, fat -100),
+#: MR magnitudes do not. -50 also catches CT published already windowed (e.g. to [-125, 275] HU).
+CT_MINIMUM_BELOW = -50.0
 
-    Only the clipping/scaling rule depends on this, and quantile mapping is invariant to monotone
-    rescaling, so a wrong guess costs little; pass the modality explicitly when it is known.
+
+def guess_modality(array: np.ndarray) -> Modality:
+    """CT if the image has clearly negative values (Hounsfield units), else MR.
+
+    The SM preprocessing rule and, with SM off, the normalisation depend on this; pass the modality
+    explicitly (``--target-modality``) for unusual data, e.g. MR that was z-score normalised.
     """
-    return "CT" if float(np.min(array)) < -500 else "MR"
+    return "CT" if float(np.min(array)) < CT_MINIMUM_BELOW else "MR"
 
 
 def preprocess_for_matching(array: np.ndarray, modality: Modality) -> tuple[np.ndarray, float]:
