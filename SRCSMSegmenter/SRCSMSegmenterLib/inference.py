@@ -26,7 +26,7 @@ from .image import Volume, validate_array
 from .matching import Modality, guess_modality, match
 from .modelpackage import ModelPackage
 from .normalization import Normalization, default_normalization, normalize
-from .preprocessing import Grid, model_grid, resample_channel_to, to_model_grid
+from .preprocessing import Grid, argmax_in_target_grid, model_grid, to_model_grid
 
 log = logging.getLogger(__name__)
 
@@ -222,19 +222,4 @@ class Segmenter:
         )
 
     def _argmax_in_input_grid(self, probs: np.ndarray, grid: Grid, volume: Volume) -> np.ndarray:
-        """Channel by channel linear resampling with a running argmax: never holds all channels at the
-        input's full resolution (a 512×512×300 CT with 5 classes would need 1.6 GB for that)."""
-        best = None
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-        for c in range(probs.shape[0]):
-            self._check_cancel()
-            channel = resample_channel_to(probs[c], grid, volume.geometry, volume.shape,
-                                          default_value=1.0 if c == 0 else 0.0)
-            if best is None:
-                best = channel
-                continue
-            better = channel > best
-            labels[better] = c
-            np.maximum(best, channel, out=best)
-            del channel, better
-        return labels
+        return argmax_in_target_grid(probs, grid, volume.geometry, volume.shape, check_cancel=self._check_cancel)
