@@ -129,12 +129,13 @@ def test_smoke_train_export_segment_evaluate(tiny_model, tmp_path, shared_data):
     assert (tiny_model.parent / "run" / "config.json").is_file()  # full configuration recorded
     mr = make_subset_dataset(tmp_path / "Dataset502_AbdomenMRT2", shared_data / "Dataset502_AbdomenMRT2",
                              ["chaos_13"], ["chaos_01"])
-    summary = evaluate_model(tiny_model, mr, tmp_path / "eval", split="val", device="cpu", log=lambda m: None)
-    assert set(summary["settings"]) == {"with SM", "without SM"}
+    summary = evaluate_model(tiny_model, mr, tmp_path / "eval", split="val", device="cpu", landmark=True,
+                             log=lambda m: None)
+    assert set(summary["settings"]) == {"with SM", "without SM", "with SM, landmark ROI"}
     for name in ("metrics.csv", "summary.csv", "summary.md", "boxplot_dice.png", "summary.json"):
         assert (tmp_path / "eval" / name).is_file(), name
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv", encoding="utf-8")))
-    assert len(rows) == 2 * 4  # two settings × four labels × one case
+    assert len(rows) == 3 * 4  # three settings × four labels × one case
     pred = read_volume(tmp_path / "eval" / "predictions" / "with_sm" / "chaos_01.nii.gz")
     assert pred.geometry.almost_equal(read_volume(mr / "imagesTr" / "chaos_01_0000.nii.gz").geometry, 1e-5)
 
@@ -240,3 +241,15 @@ def test_export_float16_weights_halves_the_package_and_agrees(tiny_model, tmp_pa
         b = torch.softmax(load_package(half).build_network()(x), 1)
     assert next(load_package(half).build_network().parameters()).dtype == torch.float32
     assert float((a - b).abs().max()) < 1e-2
+
+
+def test_landmark_roi_is_centred_on_the_reference(shared_data):
+    from train.evaluate import landmark_bounds
+
+    ref = read_volume(shared_data / "Dataset502_AbdomenMRT2" / "labelsTr" / "chaos_01.nii.gz")
+    lo, hi = landmark_bounds(ref, np.array([384.0, 307.2, 384.0]))
+    assert np.allclose(hi - lo, [384.0, 307.2, 384.0])
+    k, j, i = np.nonzero(ref.array)
+    pts = ref.geometry.index_to_physical(np.stack([i, j, k], 1).astype(float))
+    assert np.all(pts >= lo) and np.all(pts <= hi)  # every labelled voxel inside the ROI
+    assert np.allclose((lo + hi) / 2, (pts.min(0) + pts.max(0)) / 2, atol=1e-6)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="auto")
     v.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
     v.add_argument("--keep-largest", action="store_true")
+    v.add_argument("--landmark", action="store_true",
+                   help="also evaluate inside the paper's ground-truth-centred ROI (measures the cost of our "
+                        "whole-volume sliding window; not a clinical setting)")
     return p
 
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate_model
 
             evaluate_model(args.model, args.dataset, args.out, split=args.split, sm=args.sm, device=args.device,
-                           limit=args.limit, keep_largest=args.keep_largest)
+                           limit=args.limit, keep_largest=args.keep_largest, landmark=args.landmark)
             return 0
     except SRCSMError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,11 +25,28 @@ from .metrics import evaluate_case, read_label_map
 from .report import summarize, tag_rows, write_reports
 
 SETTINGS = {"on": "with SM", "off": "without SM"}
+LANDMARK = "with SM, landmark ROI"
+
+
+def landmark_bounds(reference: Volume, extent_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's test ROI (SRCSM §3.3): a box of the model's patch extent centred on the centre of
+    the reference foreground's bounding box, in LPS. It uses the ground truth — for measuring what our
+    whole-volume sliding window costs, never for clinical use."""
+    kji = np.argwhere(reference.array > 0)
+    if kji.size == 0:
+        raise ValueError("the reference is empty; a landmark cannot be derived")
+    lo, hi = kji.min(0)[::-1].astype(float), kji.max(0)[::-1].astype(float)  # i, j, k
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    pts = reference.geometry.index_to_physical(corners)
+    centre = (pts.min(0) + pts.max(0)) / 2
+    return centre - extent_mm / 2, centre + extent_mm / 2
 
 
 def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    split: str = "all", sm: str = "both", device: str = "auto", limit: int | None = None,
-                   keep_largest: bool = False, log=print) -> dict:
+                   keep_largest: bool = False, landmark: bool = False, log=print) -> dict:
+    """Segment every case of ``split`` with/without SM (``sm``: both/on/off) and, with ``landmark``,
+    also with SM inside the paper's ground-truth-centred ROI; write the reports into ``out_dir``."""
     package = Catalog().resolve(model)
     dataset = load_dataset(dataset_dir)
     cases = dataset.split(split)[: limit or None]
@@ -43,6 +60,9 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
             f"with the same label values"
         )
     settings = [SETTINGS[s] for s in (("on", "off") if sm == "both" else (sm,))]
+    if landmark:
+        settings.append(LANDMARK)
+    extent = np.asarray(package.card.patch_size, float) * np.asarray(package.card.spacing, float)
     segmenter = Segmenter(package, device=device)
     rows: list[dict] = []
     seconds: list[float] = []
@@ -51,8 +71,10 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
         reference = read_label_map(case.label)
         for setting in settings:
             t = time.perf_counter()
-            result = segmenter.segment(image, source_matching=setting == SETTINGS["on"],
-                                       target_modality=dataset.modality, keep_largest=keep_largest)  # type: ignore[arg-type]
+            roi = landmark_bounds(reference, extent) if setting == LANDMARK else None
+            result = segmenter.segment(image, source_matching=setting != SETTINGS["off"],
+                                       target_modality=dataset.modality, keep_largest=keep_largest,  # type: ignore[arg-type]
+                                       roi_bounds=roi)
             seconds.append(time.perf_counter() - t)
             pred_path = out / "predictions" / _slug(setting) / f"{case.id}.nii.gz"
             pred_path.parent.mkdir(parents=True, exist_ok=True)
