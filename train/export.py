@@ -45,7 +45,7 @@ def fit_source_profile(config: TrainConfig, log=print) -> SourceProfile:
 
 def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, Any] | None = None,
                performance: dict[str, Any] | None = None, overwrite: bool = False, log=print,
-               weights_dtype: str = "float32") -> Path:
+               weights_dtype: str = "float32", version: str = "1.0.0", description: str | None = None) -> Path:
     """Write the run's EMA weights as a model package. ``weights_dtype="float16"`` halves the file (the
     bundled-model limit is 25 MB); the weights are cast back to float32 when loaded."""
     run_dir = Path(run_dir)
@@ -59,8 +59,8 @@ def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, 
     card = {
         "id": config.model.id,
         "name": config.model.name,
-        "version": "1.0.0",
-        "description": config.model.description or dataset.description,
+        "version": version,
+        "description": description or config.model.description or dataset.description,
         "license": config.model.license,
         "training_data": [{"name": cite, "cases": n_train, "terms": terms,
                            "citation": config.model.training_data_citation}],
