@@ -80,40 +80,28 @@ def test_tampered_weights_are_refused(tiny_model, tmp_path):
         load_package(pkg)
 
 
-def test_schema_version_mismatch(tiny_model, tmp_path):
+def _edited_package(tiny_model: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the tiny package whose model.json was changed by ``edit(card_dict)``."""
     pkg = _copy(tiny_model, tmp_path / "pkg")
     card = _card(pkg)
-    card["schema_version"] = 2
+    edit(card)
     (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
-    with pytest.raises(ModelPackageError, match="schema_version 2"):
-        load_package(pkg)
+    return pkg
 
 
-def test_labels_that_do_not_fit_the_network(tiny_model, tmp_path):
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(schema_version=2), "schema_version 2"),  # a model from a newer/older release
+    (lambda c: c["labels"].update(labels=c["labels"]["labels"][:2]), "label table"),  # labels ≠ network outputs
+    (lambda c: c["labels"]["labels"][1].update(value=7), "1..N"),  # non-consecutive label values
+    (lambda c: c.update(surprise=1), "does not match the schema"),  # unknown field
+], ids=["schema-version", "labels-vs-network", "non-consecutive-labels", "unknown-field"])
+def test_invalid_cards_are_refused(tiny_model, tmp_path, edit, message):
+    with pytest.raises(ModelPackageError, match=message):
+        load_package(_edited_package(tiny_model, tmp_path, edit))
+
+
+def test_bad_json(tiny_model, tmp_path):
     pkg = _copy(tiny_model, tmp_path / "pkg")
-    card = _card(pkg)
-    card["labels"]["labels"] = card["labels"]["labels"][:2]
-    (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
-    with pytest.raises(ModelPackageError, match="label table"):
-        load_package(pkg)
-
-
-def test_non_consecutive_labels(tiny_model, tmp_path):
-    pkg = _copy(tiny_model, tmp_path / "pkg")
-    card = _card(pkg)
-    card["labels"]["labels"][1]["value"] = 7
-    (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
-    with pytest.raises(ModelPackageError, match="1..N"):
-        load_package(pkg)
-
-
-def test_unknown_fields_and_bad_json(tiny_model, tmp_path):
-    pkg = _copy(tiny_model, tmp_path / "pkg")
-    card = _card(pkg)
-    card["surprise"] = 1
-    (pkg / MODEL_JSON).write_text(json.dumps(card), encoding="utf-8")
-    with pytest.raises(ModelPackageError, match="does not match the schema"):
-        load_package(pkg)
     (pkg / MODEL_JSON).write_text("{not json", encoding="utf-8")
     with pytest.raises(ModelPackageError, match="not valid JSON"):
         load_package(pkg)

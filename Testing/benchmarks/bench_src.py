@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
+import sys
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from SRCSMSegmenterLib.network import SRCSMUNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_matching import cpu_name  # noqa: E402  (one /proc reader for all benchmarks)
 from train import augment
 from train.augment import semantic_random_convolution
 from train.augment._common import gaussian_kernel_1d
@@ -126,17 +130,6 @@ def unet_step(shape: tuple[int, int, int], device: torch.device, bf16: bool) -> 
     return step
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["80,64,80", "160,128,160"], help="patch sizes D,H,W")
@@ -183,7 +176,7 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print()
-    print(f"Machine: {_cpu_name()}, {torch.get_num_threads()} torch threads, GPU: {gpu}; "
+    print(f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, GPU: {gpu}; "
           f"torch {torch.__version__}; {datetime.date.today().isoformat()}; "
           f"median of {args.repeats} after a warm-up; 5 labels, batch 1")
     print()
