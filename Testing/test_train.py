@@ -207,8 +207,9 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_ablation_plan_and_table(tmp_path, monkeypatch):
-    """The ablation plan covers every protocol × method plus in-domain references, and the table
-    reports finished evaluations and marks the rest as not finished."""
+    """The ablation plan covers every protocol × method plus in-domain references at one budget per
+    protocol; the table reports finished evaluations, the best setting's per-organ Dice and a figure,
+    and marks the rest as not finished or not measurable."""
     from train import ablation
 
     runs = ablation.plan()
@@ -216,15 +217,59 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     assert len({r.name for r in runs}) == len(runs)
     for r in runs:
         assert (ablation.DATA / r.protocol.source).is_dir() and r.eval_dataset.is_dir()
+        if not r.in_domain:
+            assert r.iterations == r.protocol.iterations and r.config().augmentation == r.method
+    # the in-domain reference of CT→MR is trained on MR's train split with the MR→CT recipe and budget
+    ct2mr_in = next(r for r in runs if r.name == "ct2mr-indomain")
+    cfg = ct2mr_in.config()
+    assert Path(cfg.dataset).name == "Dataset502_AbdomenMRT2" and cfg.iterations == 3000 and cfg.train_split == "train"
     monkeypatch.setattr(ablation.Run, "eval_dir", property(lambda self: tmp_path / "eval" / self.name))
     monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "runs" / self.name))
-    done = runs[0]
-    done.eval_dir.mkdir(parents=True)
-    (done.eval_dir / "summary.json").write_text(encoding="utf-8", data=json.dumps({"settings": {
-        "with SM": {"mean": {"dice": 0.5, "assd": 7.25}}, "without SM": {"mean": {"dice": 0.25, "assd": 9.0}}}}))
+    organs = {"1": {"name": "liver", "dice": 0.75}, "2": {"name": "spleen", "dice": 0.25}}
+    for run, (dw, do) in ((runs[0], (0.5, 0.25)), (runs[4], (0.625, 0.375))):
+        run.eval_dir.mkdir(parents=True)
+        (run.eval_dir / "summary.json").write_text(encoding="utf-8", data=json.dumps({"cases": 20, "settings": {
+            "with SM": dict(organs, mean={"dice": dw, "assd": 7.25}),
+            "without SM": dict(organs, mean={"dice": do, "assd": 9.0})}}))
     text = ablation.table(tmp_path / "ablation.md").read_text(encoding="utf-8")
-    assert "| ct2mr | none | 0 | 0.500 | 0.250 | 7.25 | 9.00 |" in text
-    assert text.count("not finished") == len(runs) - 1
+    assert "| ct2mr | none | 4000 | 0 | 0.500 | 0.250 | 7.25 | 9.00 |" in text
+    assert "**ct2mr**: src with SM (20 cases), mean 0.625: liver 0.750, spleen 0.250" in text
+    assert "SLAug (AAAI 2023, 2D) 88.6" in text
+    assert text.count("not finished") == len(runs) - 3
+    assert text.count("not measurable") == 1  # LGE has no training split: no in-domain LGE reference
+    png = tmp_path / "ablation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(ablation.png)" in text
+
+
+def test_ablation_adopts_only_a_run_that_is_the_cell(tmp_path, monkeypatch):
+    """A model-zoo run may stand in for an ablation cell only with the cell's data, settings and budget."""
+    from train import ablation
+
+    monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "cells" / self.name))
+    cell = ablation.find("mr2ct-src")
+
+    def trained(name: str, iteration: int, **changes) -> Path:
+        config = dict(cell.config().model_dump(mode="json"), output_dir="runs/zoo", num_threads=1, **changes)
+        d = tmp_path / name
+        d.mkdir()
+        (d / "checkpoint.json").write_text(json.dumps({"iteration": iteration, "config": config}), encoding="utf-8")
+        (d / "checkpoint.safetensors").write_bytes(b"weights")
+        return d
+
+    with pytest.raises(ValueError, match="iteration: checkpoint is at 2800, the budget is 3000"):
+        ablation.adopt(cell, trained("short", 2800))
+    with pytest.raises(ValueError, match="augmentation: run has 'none'"):
+        ablation.adopt(cell, trained("other-method", 3000, augmentation="none"))
+    with pytest.raises(ValueError, match="dataset: run trained on Dataset501_AbdomenCT"):
+        ablation.adopt(cell, trained("other-data", 3000, dataset=str(ablation.DATA / "Dataset501_AbdomenCT")))
+    assert not cell.run_dir.exists()
+    good = trained("zoo", 3000)
+    adopted = ablation.adopt(cell, good)
+    assert (adopted / "checkpoint.safetensors").read_bytes() == b"weights"
+    assert (good / "checkpoint.safetensors").is_file()  # the source run is copied, never moved
+    assert json.loads((adopted / "adopted_from.json").read_text(encoding="utf-8"))["source"] == str(good.resolve())
+    with pytest.raises(ValueError, match="already exists"):
+        ablation.adopt(cell, good)
 
 
 def test_export_float16_weights_halves_the_package_and_agrees(tiny_model, tmp_path):
