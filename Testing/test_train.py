@@ -139,6 +139,20 @@ def test_smoke_train_export_segment_evaluate(tiny_model, tmp_path, shared_data):
     pred = read_volume(tmp_path / "eval" / "predictions" / "with_sm" / "chaos_01.nii.gz")
     assert pred.geometry.almost_equal(read_volume(mr / "imagesTr" / "chaos_01_0000.nii.gz").geometry, 1e-5)
 
+    # the measured numbers reach the model card without being typed: card-metrics → export --metrics
+    from train.__main__ import main as train_main
+
+    assert train_main(["card-metrics", f"cross_domain_mr={tmp_path / 'eval'}", "--note", "tiny budget",
+                       "--out", str(tmp_path / "metrics.json")]) == 0
+    assert train_main(["export", str(tiny_model.parent / "run"), str(tmp_path / "pkg"),
+                       "--metrics", str(tmp_path / "metrics.json")]) == 0
+    card = load_package(tmp_path / "pkg").card.metrics
+    with_sm = summary["settings"]["with SM"]
+    assert card["note"] == "tiny budget" and card["cross_domain_mr"]["cases"] == 1
+    assert card["cross_domain_mr"]["with_source_matching"]["mean_dice"] == round(with_sm["mean"]["dice"], 3)
+    assert card["cross_domain_mr"]["with_source_matching_landmark_roi"]["dice_per_label"]["spleen"] == round(
+        summary["settings"]["with SM, landmark ROI"]["4"]["dice"], 3)
+
 
 def test_resume_continues_exactly(tmp_path):
     from train.trainer import Trainer

@@ -7,6 +7,7 @@ Examples::
     torchrun --nproc_per_node 2 -m train fit RECIPE                       # data-parallel (gloo/NCCL)
     python -m train export runs/abdomen-ct-src Resources/Models/abdomen-ct
     python -m train evaluate Resources/Models/abdomen-ct ../shared/data/Dataset502_AbdomenMRT2 --out eval/ct2mr
+    python -m train card-metrics cross_domain_mr=eval/ct2mr --note "…" --out metrics.json
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--landmark", action="store_true",
                    help="also evaluate inside the paper's ground-truth-centred ROI (measures the cost of our "
                         "whole-volume sliding window; not a clinical setting)")
+    m = sub.add_parser("card-metrics", help="model-card metrics (JSON for export --metrics) from evaluations")
+    m.add_argument("entries", nargs="+", metavar="KEY=EVAL_DIR",
+                   help="card key and the folder `evaluate --out` wrote, e.g. cross_domain_mr_chaos_all20=eval/ct2mr")
+    m.add_argument("--note", default=None, help="a sentence on budget and protocol for the card")
+    m.add_argument("--out", required=True, help="JSON file to write")
     return p
 
 
@@ -104,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_model(args.model, args.dataset, args.out, split=args.split, sm=args.sm, device=args.device,
                            limit=args.limit, keep_largest=args.keep_largest, landmark=args.landmark)
+            return 0
+        if args.command == "card-metrics":
+            from .card_metrics import write_card_metrics
+
+            entries = {}
+            for item in args.entries:
+                key, sep, folder = item.partition("=")
+                if not sep or not key or not folder:
+                    raise SystemExit(f"expected KEY=EVAL_DIR, got '{item}'")
+                entries[key] = Path(folder)
+            print(write_card_metrics(entries, Path(args.out), args.note))
             return 0
     except SRCSMError as exc:
         print(f"error: {exc}", file=sys.stderr)
