@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -173,6 +176,32 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
             tmp.write_bytes(b"partial")
             raise RuntimeError("crash while writing")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_atomic_output_gives_the_permissions_of_a_plain_write(tmp_path, shared_data):
+    """Results must not come out private (mkstemp's 0600): a new file gets 0666 minus the umask, a
+    replaced file keeps its mode."""
+    from SRCSMSegmenterLib import image
+
+    vol = read_volume(_mr_path(shared_data))
+    mask = os.umask(0o027)
+    image._umask.cache_clear()  # the umask is read once per process; this test changes it
+    try:
+        fresh = write_volume(vol, tmp_path / "fresh.nii.gz")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o640
+    finally:
+        os.umask(mask)
+    plain = tmp_path / "plain.nii.gz"
+    plain.write_bytes(b"")
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    image._umask.cache_clear()  # the process umask is back to the session's: read it again
+    assert stat.S_IMODE(write_volume(vol, tmp_path / "new.nii.gz").stat().st_mode) == expected
+    kept = tmp_path / "kept.nii.gz"
+    kept.write_bytes(b"")
+    os.chmod(kept, 0o604)
+    write_volume(vol, kept)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o604 and read_volume(kept).shape == vol.shape
 
 
 def test_write_refuses_to_overwrite_unless_asked(tmp_path, shared_data):

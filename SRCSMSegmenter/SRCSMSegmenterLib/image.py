@@ -9,7 +9,9 @@ across a module boundary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +239,14 @@ def read_volume(path: str | os.PathLike[str]) -> Volume:
     return volume
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask (read once: setting it to read it is not thread-safe, so do it a single time)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
@@ -254,6 +264,9 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = True) -> Itera
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates the file private (0600); give it the permissions a plain write would have
+        # (those of the file it replaces, else 0666 minus the umask) so colleagues can still read results.
+        os.chmod(tmp_path, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

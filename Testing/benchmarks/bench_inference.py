@@ -5,6 +5,9 @@ Run on demand (not part of the test suite)::
     python Testing/benchmarks/bench_inference.py                       # defaults below
     python Testing/benchmarks/bench_inference.py --precisions fp32 bf16 --repeats 3
     python Testing/benchmarks/bench_inference.py --package path/to/model   # a real model package
+    python Testing/benchmarks/bench_inference.py --package Resources/Models/cardiac-bssfp-srcsm \
+        --inputs --image ../shared/data/Dataset504_CardiacLGE/imagesTr/CASE_0000.nii.gz --precisions bf16
+                                                    # any real volume (target modality guessed)
 
 Inputs (see ``bench_matching.py`` for how the second one is made):
 
@@ -108,7 +111,7 @@ def child(cfg: dict) -> dict:
 
     from SRCSMSegmenterLib.image import read_volume
     from SRCSMSegmenterLib.inference import Segmenter, count_windows
-    from SRCSMSegmenterLib.matching import match
+    from SRCSMSegmenterLib.matching import guess_modality, match
     from SRCSMSegmenterLib.modelpackage import load_package
     from SRCSMSegmenterLib.normalization import normalize
     from SRCSMSegmenterLib.preprocessing import model_grid, smooth, to_model_grid
@@ -128,7 +131,7 @@ def child(cfg: dict) -> dict:
     hwm_first = None
     for _ in range(int(cfg["repeats"])):
         t0 = time.perf_counter()
-        result = seg.segment(volume, source_matching=True, target_modality="CT")
+        result = seg.segment(volume, source_matching=True, target_modality=cfg.get("modality", "CT"))
         wall = time.perf_counter() - t0
         runs.append({**result.timings, "wall_s": wall})
         if hwm_first is None:
@@ -143,7 +146,8 @@ def child(cfg: dict) -> dict:
     # one more pass through the preprocessing, step by step (warm), for the profile
     split = {}
     t = time.perf_counter()
-    matched = match(volume, card.source_profile, "CT")
+    modality = cfg.get("modality", "CT")
+    matched = match(volume, card.source_profile, guess_modality(volume.array) if modality == "auto" else modality)
     split["match_s"] = time.perf_counter() - t
     t = time.perf_counter()
     smooth(matched, card.inference.pre_smoothing_mm)
@@ -185,7 +189,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=bm.DEFAULT_DATA)
     parser.add_argument("--case", default="sabs_00", help="test CT case")
     parser.add_argument("--size", default="512,512,300", help="clinical size x,y,z of the resampled CT")
-    parser.add_argument("--inputs", nargs="+", default=["case", "clinical"], choices=["case", "clinical"])
+    parser.add_argument("--inputs", nargs="*", default=["case", "clinical"], choices=["case", "clinical"])
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="also time this real volume (any readable file; target modality guessed)")
     parser.add_argument("--package", type=Path, default=None,
                         help="model package (default: production CPU architecture, random weights)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -210,6 +216,8 @@ def main() -> None:
         bm.clinical_ct(args.data, args.case, size, args.workdir)
         inputs[f"real CT {args.case} → {'×'.join(map(str, size))}"] = \
             args.workdir / f"{args.case}_{'x'.join(map(str, size))}.npy"
+    for image in args.image:
+        inputs[f"real {image.name.split('.')[0]}"] = image
     package = args.package or build_random_package(args.data, args.workdir)
     cuda = torch.cuda.is_available()
     devices = args.devices or (["cpu"] + (["cuda"] if cuda else []))
@@ -221,6 +229,7 @@ def main() -> None:
             for precision in precisions:
                 out = args.workdir / f"labels_{path.name.split('.')[0]}_{device}_{precision}.npy"
                 cfg = {"volume": str(path), "package": str(package), "device": device, "precision": precision,
+                       "modality": "auto" if path in args.image else "CT",
                        "repeats": args.repeats, "threads": args.threads, "labels_out": str(out)}
                 r = bm.run_child(Path(__file__), ["--child", json.dumps(cfg)])
                 r["labels_out"] = str(out)
