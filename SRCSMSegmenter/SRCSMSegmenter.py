@@ -208,7 +208,15 @@ class SRCSMSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.populateModels()
 
     def cleanup(self) -> None:
-        self.onCancel()
+        """Module reload or application exit: end a running job's process tree and stop polling it, so
+        nothing calls back into this widget after it is deleted, and remove the job's temporary folder."""
+        if self._timer is not None:
+            self._timer.stop()
+        if self._runner is not None and self._runner.running:
+            self._runner.cancel()
+        if self._job is not None:
+            self._job.cleanup()
+            self._job = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -223,6 +231,7 @@ class SRCSMSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()
+        self._lastSegmentation = None  # its node is removed with the scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -265,7 +274,7 @@ class SRCSMSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.previewButton.enabled = ready and not running
         self.ui.cancelButton.enabled = running
         self.ui.installModelButton.enabled = not running
-        self.ui.editInSegmentEditorButton.enabled = bool(self._lastSegmentation or p.outputSegmentation)
+        self.ui.editInSegmentEditorButton.enabled = self._editableSegmentation() is not None
 
     # ---------------------------------------------------------------------------------- models
     def populateModels(self) -> None:
@@ -421,8 +430,10 @@ class SRCSMSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not result.succeeded:
                 job.cleanup()
                 self._setStatus(result.message)
-                slicer.util.errorDisplay(result.message, detailedText=result.details or None,
-                                         windowTitle=_("SRCSM Segmenter"))
+                # Only pass detailedText when there is some: slicer.util.messageBox tests for the key (and
+                # then pads the title) and sets the value on the ctkMessageBox, where None is no QString.
+                details = {"detailedText": result.details} if result.details else {}
+                slicer.util.errorDisplay(result.message, windowTitle=_("SRCSM Segmenter"), **details)
                 return
             with slicer.util.tryWithErrorDisplay(_("The result could not be loaded."), waitCursor=True):
                 node = self.logic.core.import_result(job, result)
@@ -441,8 +452,17 @@ class SRCSMSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Cancelling…"))
             self._runner.cancel()
 
+    def _editableSegmentation(self):
+        """The segmentation to open in the Segment Editor: the last result while it is still in the
+        scene (the user may have deleted it), else the chosen output; None if neither exists."""
+        last = self._lastSegmentation
+        if last is not None and not slicer.mrmlScene.IsNodePresent(last):
+            last = self._lastSegmentation = None
+        output = self._parameterNode.outputSegmentation if self._parameterNode is not None else None
+        return last if last is not None else output
+
     def onEditInSegmentEditor(self) -> None:
-        segmentation = self._lastSegmentation or self._parameterNode.outputSegmentation
+        segmentation = self._editableSegmentation()
         if segmentation is None:
             return
         slicer.util.selectModule("SegmentEditor")

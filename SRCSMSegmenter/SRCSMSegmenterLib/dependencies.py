@@ -298,7 +298,10 @@ def ensure_dependencies(
 
 
 def slicer_install_torch(version_requirement: str) -> bool:  # pragma: no cover - needs Slicer
-    """Install PyTorch through the PyTorch extension (it shows its own confirmation). True if installed."""
+    """Install PyTorch through the PyTorch extension (it picks the CUDA build). True if installed.
+
+    Called only after the user said yes to the module's own question, which lists PyTorch: the
+    extension's second confirmation is therefore switched off (one question, not two)."""
     try:
         import PyTorchUtils  # the PyTorch extension (declared in EXTENSION_DEPENDS)
     except ImportError as exc:
@@ -307,7 +310,7 @@ def slicer_install_torch(version_requirement: str) -> bool:  # pragma: no cover 
             "Slicer, and try again."
         ) from exc
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-        askConfirmation=True, torchVersionRequirement=version_requirement)
+        askConfirmation=False, torchVersionRequirement=version_requirement)
     return torch is not None
 
 
