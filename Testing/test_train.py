@@ -312,3 +312,27 @@ def test_landmark_roi_is_centred_on_the_reference(shared_data):
     pts = ref.geometry.index_to_physical(np.stack([i, j, k], 1).astype(float))
     assert np.all(pts >= lo) and np.all(pts <= hi)  # every labelled voxel inside the ROI
     assert np.allclose((lo + hi) / 2, (pts.min(0) + pts.max(0)) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, share", [("gdl", (0.0, 0.01)), ("gdl_ce", (0.1, 1.0))])
+def test_cross_entropy_term_gives_a_large_missed_organ_its_gradient(kind, share):
+    """Why ``loss: gdl_ce`` exists: GDL weights a label by 1/volume², so when a large organ is predicted as
+    background only a sliver of the gradient goes to fixing it (the MR liver stayed background for
+    2 000+ iterations); the cross-entropy term gives it a per-voxel share."""
+    import torch
+
+    from train.losses import segmentation_loss
+
+    lab = torch.zeros(1, 16, 16, 16, dtype=torch.long)
+    lab[0, 2:12, 2:12, 2:12] = 1  # large organ (1000 voxels), missed
+    lab[0, 13:15, 13:15, 13:15] = 2  # small organ (8 voxels), found
+    logits = torch.zeros(1, 3, 16, 16, 16)
+    logits[:, 0] = 3.0
+    logits[:, 2][lab == 2] = 3.0
+    logits.requires_grad_(True)
+    segmentation_loss(logits, lab, kind).backward()
+    g = logits.grad[0].abs()
+    large = float(g[1][lab[0] == 1].sum() / g.sum())
+    assert share[0] <= large < share[1], large
+    with pytest.raises(ValueError, match="unknown loss"):
+        segmentation_loss(logits, lab, "dice")

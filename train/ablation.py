@@ -42,7 +42,7 @@ PUBLISHED = {"ct2mr": ("SLAug (AAAI 2023, 2D)", 88.6), "mr2ct": ("SLAug (AAAI 20
 # changes what is learned. Paths, names, logging cadence, thread count and device do not.
 _TRAINING_KEYS = ("train_split", "val_split", "spacing", "patch_size", "network", "normalization",
                   "pre_smoothing_mm", "augmentation", "spatial_augmentation", "intensity_augmentation",
-                  "crop_margin", "landmark_sampling", "foreground_oversampling", "batch_size", "learning_rate",
+                  "crop_margin", "landmark_sampling", "foreground_oversampling", "loss", "batch_size", "learning_rate",
                   "l2", "ema_decay", "clip_factor", "consistency_weight", "precision", "seed")
 
 
@@ -190,8 +190,10 @@ def adopt(run: Run, source: Path) -> Path:
     if not state.is_file():
         raise ValueError(f"{source} has no checkpoint.json; give the folder of a training run")
     trained = json.loads(state.read_text(encoding="utf-8"))
+    from .config import TrainConfig
+
     expected = run.config().model_dump(mode="json")
-    got = trained["config"]
+    got = TrainConfig.model_validate(trained["config"]).model_dump(mode="json")  # older runs: defaults filled
     problems = [f"{k}: run has {got.get(k)!r}, the plan needs {expected[k]!r}"
                 for k in _TRAINING_KEYS if got.get(k) != expected[k]]
     if Path(got["dataset"]).name != Path(expected["dataset"]).name:

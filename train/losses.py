@@ -1,4 +1,5 @@
-"""Generalised Dice loss of SRCSM §4.2 (background included, squared prediction in the denominator)."""
+"""Generalised Dice loss of SRCSM §4.2 (background included, squared prediction in the denominator), and
+the optional cross-entropy term of ``loss: gdl_ce``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,17 @@ def generalized_dice_loss(logits: torch.Tensor, labels: torch.Tensor, eps: float
     num = (w * (g * p).sum(dims)).sum(1)
     den = (w * (g + p * p).sum(dims)).sum(1)
     return (1.0 - 2.0 * (num + eps) / (den + eps)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "gdl") -> torch.Tensor:
+    """The training objective's data term: ``gdl`` (the paper) or ``gdl_ce`` (GDL + mean voxel-wise
+    cross-entropy, whose gradient does not shrink with the size of a structure)."""
+    loss = generalized_dice_loss(logits, labels)
+    if kind == "gdl_ce":
+        loss = loss + F.cross_entropy(logits.float(), labels.long())
+    elif kind != "gdl":
+        raise ValueError(f"unknown loss {kind!r}; use 'gdl' or 'gdl_ce'")
+    return loss
 
 
 def l2_penalty(kernels: list[torch.Tensor]) -> torch.Tensor:

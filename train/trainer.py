@@ -30,7 +30,7 @@ from SRCSMSegmenterLib.network import build_network
 from .cache import CachedCase, build_cache, load_cached
 from .config import TrainConfig
 from .datasets import load_dataset
-from .losses import generalized_dice_loss, l2_penalty, soft_dice_per_class
+from .losses import l2_penalty, segmentation_loss, soft_dice_per_class
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -320,7 +320,7 @@ class Trainer:
             logits_all = self.ddp_model(torch.cat(views).contiguous(memory_format=fmt))
         logits = logits_all.chunk(len(views))
         # the segmentation loss goes on the first view only (for GIN-IPA: the IPA view "a")
-        seg = generalized_dice_loss(logits[0], lab)
+        seg = segmentation_loss(logits[0], lab, cfg.loss)
         loss = seg + cfg.l2 * l2_penalty(self.model.conv_kernels())
         cons = None
         if len(logits) > 1:
