@@ -302,6 +302,26 @@ def test_export_float16_weights_halves_the_package_and_agrees(tiny_model, tmp_pa
     assert float((a - b).abs().max()) < 1e-2
 
 
+def test_export_raw_weights_are_the_optimisers_and_say_so(tiny_model, tmp_path):
+    import torch
+
+    from train.export import export_run
+    from train.trainer import load_checkpoint
+
+    run = tiny_model.parent / "run"
+    raw = load_package(export_run(run, tmp_path / "raw", weights="raw", log=lambda m: None))
+    ema = load_package(tiny_model)
+    groups, _ = load_checkpoint(run)
+    state = raw.build_network().state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in groups["model"].items() if v.is_floating_point())
+    assert raw.card.provenance.config["export_weights"] == "raw"
+    assert ema.card.provenance.config.get("export_weights", "ema") == "ema"
+    differs = [k for k, v in ema.build_network().state_dict().items() if not torch.equal(v, state[k])]
+    assert differs  # EMA and raw weights are different tensors after 300 iterations
+    with pytest.raises(ValueError, match="'ema' or 'raw'"):
+        export_run(run, tmp_path / "bad", weights="best", log=lambda m: None)
+
+
 def test_landmark_roi_is_centred_on_the_reference(shared_data):
     from train.evaluate import landmark_bounds
 

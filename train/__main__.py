@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage type of the weights (float16 halves the package; loaded as float32)")
     e.add_argument("--version", default="1.0.0", help="model version written to the card")
+    e.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="EMA weights (default) or the optimiser's current ones (after a late change of objective)")
     e.add_argument("--description", default=None, help="model card description (default: the recipe's)")
 
     v = sub.add_parser("evaluate", help="segment a labelled dataset, with and without source matching, and report")
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = json.loads(Path(args.metrics).read_text(encoding="utf-8")) if args.metrics else None
             perf = json.loads(Path(args.performance).read_text(encoding="utf-8")) if args.performance else None
             export_run(args.run_dir, args.destination, metrics, perf, overwrite=args.overwrite,
-                       weights_dtype=args.weights_dtype, version=args.version, description=args.description)
+                       weights_dtype=args.weights_dtype, version=args.version, description=args.description,
+                       weights=args.weights)
             return 0
         if args.command == "evaluate":
             from .evaluate import evaluate_model
