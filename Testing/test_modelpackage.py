@@ -10,6 +10,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,3 +222,29 @@ def test_broken_package_does_not_hide_others(catalog, tmp_path):
     (catalog.bundled_dirs[0] / "broken.zip").write_bytes(b"garbage")
     ids = {e.id: e for e in catalog.entries()}
     assert "tiny-ct" in ids and ids["broken"].card is None
+
+
+@pytest.mark.parametrize("dataset", ["Dataset503_CardiacBSSFP"])
+def test_structures_that_touch_get_colours_an_annotator_can_tell_apart(shared_data, dataset):
+    """Segment Editor users correct one structure against its neighbour: labels whose reference masks
+    touch (6-neighbourhood) in a real case must differ clearly in colour. (The abdominal organs keep
+    Slicer's GenericAnatomyColors, which users know from other extensions, although liver and kidney
+    are close there: 0.19 apart.)"""
+    import json
+
+    from scipy import ndimage
+
+    from SRCSMSegmenterLib.image import read_volume
+    from SRCSMSegmenterLib.labels import label_table_from_dataset_labels
+
+    folder = shared_data / dataset
+    table = label_table_from_dataset_labels(json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["labels"])
+    colours = {lab.value: np.array(lab.color) for lab in table.labels}
+    ref = read_volume(sorted((folder / "labelsTr").glob("*.nii.gz"))[0]).array
+    touching = set()
+    for v in colours:
+        grown = ndimage.binary_dilation(ref == v)
+        touching |= {(v, int(w)) for w in np.unique(ref[grown]) if w not in (0, v)}
+    assert touching
+    for a, b in touching:
+        assert np.linalg.norm(colours[a] - colours[b]) > 0.3, (table.labels[a - 1].name, table.labels[b - 1].name)

@@ -126,7 +126,9 @@ KNOWN_STRUCTURES: dict[str, Label] = {
                                                    anatomic_region=_sct("87878005", "Left Ventricle"))),
     # Blood pools: the ventricle codes as DICOM CID 7152 and Slicer's General Anatomy list give them
     # (no verified SNOMED-CT "cavity" modifier exists in either list, so none is invented here).
-    "lv_blood_pool": Label(value=1, name="left ventricle blood pool", color=(216 / 255, 101 / 255, 79 / 255),
+    # GenericAnatomyColors gives the LV blood pool almost the myocardium's colour (216,101,79 vs
+    # 206,110,84); the two touch everywhere, so an annotator could not tell them apart: yellow instead.
+    "lv_blood_pool": Label(value=1, name="left ventricle blood pool", color=(244 / 255, 214 / 255, 49 / 255),
                            terminology=Terminology(type=_sct("87878005", "Left Ventricle"))),
     "rv_blood_pool": Label(value=1, name="right ventricle blood pool", color=(111 / 255, 184 / 255, 210 / 255),
                            terminology=Terminology(type=_sct("53085002", "Right Ventricle"))),
