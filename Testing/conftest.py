@@ -7,6 +7,7 @@ import types
 from pathlib import Path
 
 import pytest
+from headless_slicer import new_slicer_app
 
 # =============================================================================================
 # Real data (../shared/data) and headless Slicer scenes — used by test_segio.py, test_mrml.py
@@ -52,28 +53,6 @@ def real_case(shared_data):
     return get
 
 
-def _new_slicer_app():
-    """Fresh MRML scene + the module logics logic code expects (SLICER-TESTING.md, S1)."""
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    colors = app_logic.GetColorLogic()
-    colors.SetMRMLScene(scene)
-    colors.AddDefaultColorNodes()
-    app_logic.SetModuleLogic("Colors", colors)  # otherwise VolumesLogic logs "invalid Colors module logic"
-    logics = {"colors": colors}
-    for name, cls in [("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)]:
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app_logic)
-        app_logic.SetModuleLogic(name, logic)
-        logics[name.lower()] = logic
-    return types.SimpleNamespace(scene=scene, app_logic=app_logic, **logics)
-
-
 @pytest.fixture
 def slicer_app():
     """A fresh headless Slicer "application" per test: ``.scene``, ``.app_logic``, ``.colors``,
@@ -87,7 +66,7 @@ def slicer_app():
 
     missing = object()
     saved = {key: getattr(slicer, key, missing) for key in ("mrmlScene", "modules")}
-    app = _new_slicer_app()
+    app = new_slicer_app()
     slicer.mrmlScene = app.scene
     slicer.modules = types.SimpleNamespace(
         **{key: types.SimpleNamespace(logic=lambda lg=lg: lg)

@@ -239,20 +239,108 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     assert Path(cfg.dataset).name == "Dataset502_AbdomenMRT2" and cfg.iterations == 3000 and cfg.train_split == "train"
     monkeypatch.setattr(ablation.Run, "eval_dir", property(lambda self: tmp_path / "eval" / self.name))
     monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "runs" / self.name))
+    monkeypatch.setattr(ablation.Run, "result_file", property(lambda self: tmp_path / "results" / f"{self.name}.json"))
     organs = {"1": {"name": "liver", "dice": 0.75}, "2": {"name": "spleen", "dice": 0.25}}
-    for run, (dw, do) in ((runs[0], (0.5, 0.25)), (runs[4], (0.625, 0.375))):
-        run.eval_dir.mkdir(parents=True)
-        (run.eval_dir / "summary.json").write_text(encoding="utf-8", data=json.dumps({"cases": 20, "settings": {
+    for run, (dw, do), prov in ((runs[0], (0.5, 0.25), {"kind": "trained by the plan"}),
+                                (runs[4], (0.625, 0.375), {"kind": "adopted package", "package": "zoo-ct",
+                                                           "version": "0.1.0", "note": "from the zoo"})):
+        ablation.record(run, {"cases": 20, "settings": {
             "with SM": dict(organs, mean={"dice": dw, "assd": 7.25}),
-            "without SM": dict(organs, mean={"dice": do, "assd": 9.0})}}))
+            "without SM": dict(organs, mean={"dice": do, "assd": 9.0})}}, run.iterations, prov)
+    # an evaluation that was never recorded does not count (only records outlive the machine)
+    runs[1].eval_dir.mkdir(parents=True)
+    (runs[1].eval_dir / "summary.json").write_text('{"cases": 1, "settings": {}}', encoding="utf-8")
     text = ablation.table(tmp_path / "ablation.md").read_text(encoding="utf-8")
-    assert "| ct2mr | none | 4000 | 0 | 0.500 | 0.250 | 7.25 | 9.00 |" in text
+    assert "| ct2mr | none | 4000 | 4000 | 0.500 | 0.250 | 7.25 | 9.00 | trained by the plan |" in text
+    assert "| ct2mr | src | 4000 | 4000 | 0.625 | 0.375 | 7.25 | 9.00 | zoo package `zoo-ct` 0.1.0 (1) |" in text
+    assert "1. ct2mr-src: from the zoo" in text
     assert "**ct2mr**: src with SM (20 cases), mean 0.625: liver 0.750, spleen 0.250" in text
     assert "SLAug (AAAI 2023, 2D) 88.6" in text
     assert text.count("not finished") == len(runs) - 3
     assert text.count("not measurable") == 1  # LGE has no training split: no in-domain LGE reference
     png = tmp_path / "ablation.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(ablation.png)" in text
+
+
+def test_committed_ablation_records_are_cells_of_the_plan():
+    """Every committed record (docs/ablation-results) is a measurable cell of the plan at its budget, with
+    both SM settings measured on the protocol's whole test set and a stated provenance."""
+    from train import ablation
+
+    files = sorted(ablation.RESULTS.glob("*.json"))
+    assert files, "the measured cells must be recorded"
+    cases = {"ct2mr": 20, "mr2ct": 30, "bssfp2lge": 40}
+    for f in files:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+        run = ablation.find(rec["cell"])
+        assert f.name == f"{run.name}.json" and ablation._unavailable(run) is None
+        assert rec["budget"] == rec["iterations"] == run.iterations, f.name
+        assert rec["provenance"]["kind"] in ("trained by the plan", "adopted run", "adopted package", "recovered")
+        summary = rec["summary"]
+        assert summary["dataset"] == run.eval_dataset.name
+        expected = 6 if run.name == "mr2ct-indomain" else 4 if run.name == "ct2mr-indomain" else cases[run.protocol.name]
+        assert summary["cases"] == expected, f.name
+        for setting in ("with SM", "without SM"):
+            assert 0.0 < summary["settings"][setting]["mean"]["dice"] < 1.0, f.name
+
+
+def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, shared_data):
+    """``advance`` trains a cell to its budget, exports, evaluates and writes the committed record; a
+    recorded cell is done; a package stands in for a cell only when its card says it is that cell."""
+    from train import ablation
+    from train.config import TrainConfig
+
+    cell = ablation.find("ct2mr-none")
+    subset = make_subset_dataset(tmp_path / "Dataset501_AbdomenCT", shared_data / "Dataset501_AbdomenCT",
+                                 ["sabs_09"], ["sabs_06"])
+    target = make_subset_dataset(tmp_path / "Dataset502_AbdomenMRT2", shared_data / "Dataset502_AbdomenMRT2",
+                                 [], ["chaos_01"])
+    cfg = TrainConfig(dataset=str(subset), model={"id": "ablation-ct2mr-none", "name": "t", "anatomy": "abdomen"},
+                      spacing=(9.6, 9.6, 9.6), patch_size=(32, 32, 32), augmentation="none",
+                      network={"architecture": "srcsm_unet", "parameters": {"channels": [8, 16, 32], "dropout": 0.0}},
+                      iterations=4, val_every=4, checkpoint_every=4, log_every=1, num_threads=2,
+                      cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "runs" / cell.name))
+    monkeypatch.setattr(ablation.Run, "config",
+                        lambda self, device="auto": cfg.model_copy(update={"device": device, "augmentation": self.method}))
+    monkeypatch.setattr(ablation.Run, "iterations", property(lambda self: 4))
+    monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "runs" / self.name))
+    monkeypatch.setattr(ablation.Run, "eval_dir", property(lambda self: tmp_path / "eval" / self.name))
+    monkeypatch.setattr(ablation.Run, "eval_dataset", property(lambda self: target))
+    monkeypatch.setattr(ablation.Run, "result_file", property(lambda self: tmp_path / "results" / f"{self.name}.json"))
+
+    assert ablation.advance(cell, None, "cpu")
+    rec = ablation.result(cell)
+    assert rec["iterations"] == rec["budget"] == 4 and rec["provenance"]["kind"] == "trained by the plan"
+    assert rec["summary"]["cases"] == 1 and set(rec["summary"]["settings"]) == {"with SM", "without SM"}
+    stamp = (cell.run_dir / "checkpoint.safetensors").stat().st_mtime_ns
+    assert ablation.advance(cell, None, "cpu")  # recorded: nothing is retrained
+    assert (cell.run_dir / "checkpoint.safetensors").stat().st_mtime_ns == stamp
+
+    with pytest.raises(ValueError, match="already records the cell"):
+        ablation.adopt_package(cell, cell.package_dir, device="cpu")
+    cell.result_file.unlink()
+    other = ablation.find("ct2mr-src")  # same package, other method: refused before any evaluation
+    with pytest.raises(ValueError, match="augmentation: run has 'none', the plan needs 'src'"):
+        ablation.adopt_package(other, cell.package_dir, device="cpu")
+    assert not other.result_file.exists()
+    path = ablation.adopt_package(cell, cell.package_dir, device="cpu")
+    rec = json.loads(path.read_text(encoding="utf-8"))
+    assert rec["provenance"]["kind"] == "adopted package" and rec["provenance"]["package"] == "ablation-ct2mr-none"
+    assert rec["summary"]["cases"] == 1
+
+
+def test_bundled_packages_stand_in_only_for_their_own_cells():
+    """The zoo packages' cards carry their training configuration: the CT and cardiac models are their
+    SRC cells; the MR model (optimiser's weights, objective changed mid-run) is refused."""
+    from train import ablation
+
+    models = REPO / "Resources" / "Models"
+    assert ablation.check_package(ablation.find("ct2mr-src"), models / "abdomen-ct-srcsm").id == "abdomen-ct-srcsm"
+    assert ablation.check_package(ablation.find("bssfp2lge-src"), models / "cardiac-bssfp-srcsm")
+    with pytest.raises(ValueError, match="'raw' weights"):
+        ablation.check_package(ablation.find("mr2ct-src"), models / "abdomen-mr-srcsm")
+    with pytest.raises(ValueError, match="dataset: run trained on Dataset501_AbdomenCT"):
+        ablation.check_package(ablation.find("bssfp2lge-src"), models / "abdomen-ct-srcsm")
 
 
 def test_ablation_adopts_only_a_run_that_is_the_cell(tmp_path, monkeypatch):

@@ -8,13 +8,20 @@
                                       takes an already trained run (e.g. a model-zoo run) as the cell NAME
                                       after checking that it *is* that cell: same recipe settings, same data,
                                       same method, checkpoint exactly at the cell's budget;
-``python -m train.ablation table``    collects every finished evaluation into ``docs/ablation.md`` (mean
+``python -m train.ablation adopt-package NAME PACKAGE``
+                                      the same for an exported model package (its card carries the training
+                                      configuration and iteration), then evaluates it as the cell;
+``python -m train.ablation table``    collects every recorded result into ``docs/ablation.md`` (mean
                                       Dice and ASSD with and without SM, per-organ Dice of the best
                                       cross-domain setting, published references) and ``docs/ablation.png``.
 
-Every step is idempotent: a run whose checkpoint reached its budget is not retrained, an exported package
-is not re-exported, an evaluation with a ``summary.json`` is not redone. So the plan can be advanced a few
-hours per session, on CPU or GPU. Methods are only compared at equal budget: the budget belongs to the
+A finished cell is *recorded* in ``docs/ablation-results/NAME.json`` (the evaluation summary with where it
+came from), which is committed: run folders, checkpoints and per-case evaluations are git-ignored and do not
+outlive the machine they were made on, the record does, so the table never loses a measured cell. Every
+step is idempotent: a recorded cell is done, a run whose checkpoint reached its budget is not retrained,
+an exported package is not re-exported, an evaluation with a ``summary.json`` is not redone. So the plan
+can be advanced a few hours per session, on CPU or GPU; a run must reach its budget within one machine's
+life (its checkpoints are not committed). Methods are only compared at equal budget: the budget belongs to the
 protocol, and every cell of a protocol is trained to exactly that many iterations. The in-domain reference
 of a protocol trains on the target domain with the recipe of the reverse protocol, so it gets that
 protocol's budget (it is a reference, not a contestant).
@@ -23,14 +30,18 @@ protocol's budget (it is a reference, not a contestant).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "docs" / "ablation-results"
 METHODS = ("none", "rcnet_global", "randconv", "gin_ipa", "src")
 
 # Published single-source results (mean Dice, %) on the same protocols, to aim past: SLAug (Su et al.,
@@ -91,6 +102,10 @@ class Run:
     @property
     def eval_dir(self) -> Path:
         return REPO / "eval" / "ablation" / self.name
+
+    @property
+    def result_file(self) -> Path:
+        return RESULTS / f"{self.name}.json"
 
     @property
     def iterations(self) -> int:
@@ -160,14 +175,33 @@ def _unavailable(run: Run) -> str | None:
     return None
 
 
+def record(run: Run, summary: dict, iterations: int, provenance: dict[str, Any]) -> Path:
+    """Write the cell's committed record (atomically): its evaluation summary and where it came from."""
+    data = {"cell": run.name, "protocol": run.protocol.name, "method": run.method, "in_domain": run.in_domain,
+            "budget": run.iterations, "iterations": iterations,
+            "recorded": datetime.date.today().isoformat(), "provenance": provenance, "summary": summary}
+    run.result_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.result_file.with_name(f".{run.result_file.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    os.replace(tmp, run.result_file)
+    return run.result_file
+
+
+def result(run: Run) -> dict | None:
+    """The cell's committed record, or None while it is not finished."""
+    return json.loads(run.result_file.read_text(encoding="utf-8")) if run.result_file.is_file() else None
+
+
 def advance(run: Run, time_limit: float | None, device: str) -> bool:
-    """Train/export/evaluate ``run`` as far as possible; True when it is complete."""
+    """Train/export/evaluate/record ``run`` as far as possible; True when it is recorded."""
     from .evaluate import evaluate_model
     from .export import export_run
     from .trainer import Trainer
 
     if _unavailable(run):
         return False
+    if result(run) is not None:
+        return True
     cfg = run.config(device)
     if _iteration(run.run_dir) < cfg.iterations:
         Trainer(cfg, resume=True).fit(time_limit_s=time_limit, until_iteration=cfg.iterations)
@@ -175,9 +209,34 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
             return False
     if not (run.package_dir / "model.json").is_file():
         export_run(run.run_dir, run.package_dir)
-    if not (run.eval_dir / "summary.json").is_file():
-        evaluate_model(run.package_dir, run.eval_dataset, run.eval_dir, split=run.eval_split, device=device)
+    summary = _summary(run)
+    if summary is None:
+        summary = evaluate_model(run.package_dir, run.eval_dataset, run.eval_dir, split=run.eval_split,
+                                 device=device)
+    adopted = run.run_dir / "adopted_from.json"
+    provenance = {"kind": "adopted run" if adopted.is_file() else "trained by the plan", "weights": "ema",
+                  "weights_dtype": "float32", "device": device}
+    if adopted.is_file():
+        provenance["source"] = json.loads(adopted.read_text(encoding="utf-8"))["source"]
+    record(run, summary, _iteration(run.run_dir), provenance)
     return True
+
+
+def _differences(run: Run, config: dict, iteration: int) -> list[str]:
+    """Every way a trained model (its configuration and iteration) differs from the cell ``run``."""
+    from .config import TrainConfig
+
+    expected = run.config().model_dump(mode="json")
+    got = TrainConfig.model_validate(config).model_dump(mode="json")  # older runs: defaults filled
+    problems = [f"{k}: run has {got.get(k)!r}, the plan needs {expected[k]!r}"
+                for k in _TRAINING_KEYS if got.get(k) != expected[k]]
+    if Path(got["dataset"]).name != Path(expected["dataset"]).name:
+        problems.append(f"dataset: run trained on {Path(got['dataset']).name}, the plan needs "
+                        f"{Path(expected['dataset']).name}")
+    if iteration != run.iterations:
+        problems.append(f"iteration: checkpoint is at {iteration}, the budget is {run.iterations} "
+                        f"(compare methods only at equal budget)")
+    return problems
 
 
 def adopt(run: Run, source: Path) -> Path:
@@ -190,18 +249,7 @@ def adopt(run: Run, source: Path) -> Path:
     if not state.is_file():
         raise ValueError(f"{source} has no checkpoint.json; give the folder of a training run")
     trained = json.loads(state.read_text(encoding="utf-8"))
-    from .config import TrainConfig
-
-    expected = run.config().model_dump(mode="json")
-    got = TrainConfig.model_validate(trained["config"]).model_dump(mode="json")  # older runs: defaults filled
-    problems = [f"{k}: run has {got.get(k)!r}, the plan needs {expected[k]!r}"
-                for k in _TRAINING_KEYS if got.get(k) != expected[k]]
-    if Path(got["dataset"]).name != Path(expected["dataset"]).name:
-        problems.append(f"dataset: run trained on {Path(got['dataset']).name}, the plan needs "
-                        f"{Path(expected['dataset']).name}")
-    if trained["iteration"] != run.iterations:
-        problems.append(f"iteration: checkpoint is at {trained['iteration']}, the budget is {run.iterations} "
-                        f"(compare methods only at equal budget)")
+    problems = _differences(run, trained["config"], trained["iteration"])
     if problems:
         raise ValueError(f"{source} is not the ablation cell {run.name}:\n  " + "\n  ".join(problems))
     if run.run_dir.exists():
@@ -216,6 +264,44 @@ def adopt(run: Run, source: Path) -> Path:
                                            encoding="utf-8")
     tmp.replace(run.run_dir)
     return run.run_dir
+
+
+def check_package(run: Run, package_path: str | os.PathLike[str]):
+    """Load the model package and check, from the training configuration and iteration its card records,
+    that it *is* the cell ``run``; return the package. Raises ``ValueError`` naming every difference.
+
+    Beyond the training settings, the cell is evaluated on the EMA weights (what the plan exports), so a
+    package holding the optimiser's weights (``export --weights raw``) is refused — in this project that
+    is also the mark of a run whose objective changed mid-way (the MR zoo model)."""
+    from SRCSMSegmenterLib.modelpackage import load_package
+
+    package = load_package(package_path)
+    prov = package.card.provenance
+    config = {k: v for k, v in prov.config.items() if not k.startswith("export_")}
+    problems = _differences(run, config, prov.iterations) if config else [
+        "the card records no training configuration; only packages exported by `python -m train export` "
+        "can stand in for a cell"]
+    weights = prov.config.get("export_weights", "ema")
+    if weights != "ema":
+        problems.append(f"weights: the package holds the {weights!r} weights, the cells are evaluated on the "
+                        f"EMA weights")
+    if problems:
+        raise ValueError(f"{package_path} is not the ablation cell {run.name}:\n  " + "\n  ".join(problems))
+    return package
+
+
+def adopt_package(run: Run, package_path: str | os.PathLike[str], device: str = "auto") -> Path:
+    """Evaluate the package as the cell ``run`` (after :func:`check_package`) and record it."""
+    from .evaluate import evaluate_model
+
+    if result(run) is not None:
+        raise ValueError(f"{run.result_file} already records the cell {run.name}; remove it first to replace it")
+    package = check_package(run, package_path)
+    summary = evaluate_model(package_path, run.eval_dataset, run.eval_dir, split=run.eval_split, device=device)
+    return record(run, summary, package.card.provenance.iterations, {
+        "kind": "adopted package", "package": package.id, "version": package.card.version,
+        "weights_sha256": package.card.weights.sha256, "weights": "ema",
+        "weights_dtype": package.card.provenance.config.get("export_weights_dtype", "float32"), "device": device})
 
 
 def _summary(run: Run) -> dict | None:
@@ -233,23 +319,34 @@ def table(out_md: Path = REPO / "docs" / "ablation.md", figure: bool = True) -> 
     f2 = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     lines = ["# Cross-domain ablation (generated by `python -m train.ablation table`)", "",
              "Mean over labels and test cases, in each case's original grid. SM = source matching at test "
-             "time. Budget = training iterations (equal within a protocol).", "",
+             "time. Budget = training iterations (equal within a protocol). Each measured row is recorded in "
+             "`docs/ablation-results/<protocol>-<method>.json` with where it came from (*source*).", "",
              "| protocol | method | budget | iterations | Dice with SM | Dice without SM | ASSD with SM (mm) "
-             "| ASSD without SM (mm) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| ASSD without SM (mm) | source |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     results: dict[str, list[tuple[Run, dict]]] = {}
+    notes: list[str] = []
     for run in plan():
-        s = _summary(run)
-        head = f"| {run.protocol.name} | {run.label} | {run.iterations} | {_iteration(run.run_dir)} |"
+        rec = result(run)
+        iteration = rec["iterations"] if rec else _iteration(run.run_dir)
+        head = f"| {run.protocol.name} | {run.label} | {run.iterations} | {iteration} |"
         reason = _unavailable(run)
         if reason:
-            lines.append(f"{head} not measurable: {reason} | | | |")
-        elif s is None:
-            lines.append(f"{head} not finished | | | |")
+            lines.append(f"{head} not measurable: {reason} | | | | |")
+        elif rec is None:
+            lines.append(f"{head} not finished | | | | |")
         else:
+            s = rec["summary"]
             results.setdefault(run.protocol.name, []).append((run, s))
+            prov = rec.get("provenance", {})
+            source = _source_text(prov)
+            if prov.get("note"):
+                notes.append(f"{len(notes) + 1}. {run.name}: {prov['note']}")
+                source += f" ({len(notes)})"
             lines.append(f"{head} {f3(_mean(s, 'with SM', 'dice'))} | {f3(_mean(s, 'without SM', 'dice'))} | "
-                         f"{f2(_mean(s, 'with SM', 'assd'))} | {f2(_mean(s, 'without SM', 'assd'))} |")
+                         f"{f2(_mean(s, 'with SM', 'assd'))} | {f2(_mean(s, 'without SM', 'assd'))} | {source} |")
+    if notes:
+        lines += ["", "Notes:", ""] + notes
     lines += ["", "## Best cross-domain setting per protocol, per organ (Dice)", ""]
     for p in PROTOCOLS:
         cross = [(r, s, setting) for r, s in results.get(p.name, []) if not r.in_domain
@@ -271,6 +368,13 @@ def table(out_md: Path = REPO / "docs" / "ablation.md", figure: bool = True) -> 
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(out_md)
     return out_md
+
+
+def _source_text(provenance: dict) -> str:
+    kind = provenance.get("kind", "?")
+    if kind == "adopted package":
+        return f"zoo package `{provenance.get('package')}` {provenance.get('version')}"
+    return kind
 
 
 def _figure(results: dict[str, list[tuple[Run, dict]]], path: Path) -> Path:
@@ -308,11 +412,17 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("adopt")
     a.add_argument("name", help="the cell, e.g. ct2mr-src (see plan)")
     a.add_argument("run_dir", help="a finished training run with exactly the cell's settings and budget")
+    ap = sub.add_parser("adopt-package")
+    ap.add_argument("name", help="the cell, e.g. ct2mr-src (see plan)")
+    ap.add_argument("package", help="a model package (folder or .zip) exported from a run with the cell's "
+                                    "settings and budget")
+    ap.add_argument("--device", default="auto")
     sub.add_parser("table")
     args = p.parse_args(argv)
     if args.command == "plan":
         for run in plan():
-            state = _unavailable(run) and "not measurable" or f"iteration {_iteration(run.run_dir)}"
+            state = (_unavailable(run) and "not measurable" or result(run) and "recorded"
+                     or f"iteration {_iteration(run.run_dir)}")
             print(f"{run.name:<24} {run.recipe:<28} {run.method:<13} budget {run.iterations:<6} {state}")
         return 0
     if args.command == "run":
@@ -326,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "adopt":
         try:
             print(f"adopted as {args.name}: {adopt(find(args.name), Path(args.run_dir))}")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "adopt-package":
+        try:
+            print(f"recorded {args.name}: {adopt_package(find(args.name), args.package, args.device)}")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

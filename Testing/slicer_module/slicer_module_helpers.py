@@ -42,3 +42,19 @@ def linear_transform(scene, degrees: float = 20.0, translation=(15.0, -25.0, 10.
     return node, m
 
 
+
+
+def fake_result_from_real_labels(logic, request, real_case, transform_matrix=None, case: str = "chaos_02"):
+    """A prepared job whose "background result" is the case's REAL reference labels, written as the
+    CLI writes them (world geometry when the input is under a transform). No process runs."""
+    from SRCSMSegmenterLib.image import Volume, read_volume
+    from SRCSMSegmenterLib.process_runner import ProcessResult
+    from SRCSMSegmenterLib.segio import write_seg_nrrd
+
+    job = logic.prepare(request)
+    _, label_path, table = real_case("Dataset502", case)
+    labels = read_volume(label_path)
+    if transform_matrix is not None:  # the CLI worked in world coordinates
+        labels = Volume.from_ijk_to_ras(labels.array, transform_matrix @ labels.ijk_to_ras())
+    write_seg_nrrd(labels, table, job.output_path)
+    return job, ProcessResult("succeeded", 0, "Finished.", done={"output": str(job.output_path)})

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from slicer_module_helpers import LIB_DIR, linear_transform
+from slicer_module_helpers import LIB_DIR, fake_result_from_real_labels, linear_transform
 from SRCSMSegmenterLib import inference, matching, mrml
 from SRCSMSegmenterLib import module_logic as ml
 from SRCSMSegmenterLib.errors import InputError, ModelPackageError
@@ -23,7 +23,7 @@ from SRCSMSegmenterLib.image import read_volume
 from SRCSMSegmenterLib.matching_plot import CURVE_COLUMNS, HISTOGRAM_COLUMNS, PLOT_ATTRIBUTE
 from SRCSMSegmenterLib.module_logic import JobError, SegmentationRequest
 from SRCSMSegmenterLib.process_runner import ProcessResult
-from SRCSMSegmenterLib.segio import BINARY_LABELMAP, TERMINOLOGY_TAG, write_seg_nrrd
+from SRCSMSegmenterLib.segio import BINARY_LABELMAP, TERMINOLOGY_TAG
 
 
 def _matrix(get) -> np.ndarray:
@@ -289,20 +289,6 @@ def test_validation_reasons(slicer_app, logic, model_card, mr_node):
 # --------------------------------------------------------------------------- reading results
 
 
-def _fake_result_from_real_labels(logic, request, real_case, transform_matrix=None):
-    """A prepared job whose "background result" is the case's REAL reference labels, written as the
-    CLI writes them (world geometry when the input is under a transform). No process runs."""
-    job = logic.prepare(request)
-    _, label_path, table = real_case("Dataset502", "chaos_02")
-    labels = read_volume(label_path)
-    if transform_matrix is not None:  # the CLI worked in world coordinates
-        from SRCSMSegmenterLib.image import Volume
-
-        labels = Volume.from_ijk_to_ras(labels.array, transform_matrix @ labels.ijk_to_ras())
-    write_seg_nrrd(labels, table, job.output_path)
-    return job, ProcessResult("succeeded", 0, "Finished.", done={"output": str(job.output_path)})
-
-
 def test_result_lands_exactly_on_the_input_under_its_transform_in_its_folder(
         slicer_app, logic, model_card, mr_node, real_case, same_labels_physically):
     import slicer
@@ -311,7 +297,7 @@ def test_result_lands_exactly_on_the_input_under_its_transform_in_its_folder(
     transform, to_parent = linear_transform(slicer_app.scene)
     mr_node.SetAndObserveTransformNodeID(transform.GetID())
     request = SegmentationRequest(mr_node, model_card.id)
-    job, result = _fake_result_from_real_labels(logic, request, real_case, to_parent)
+    job, result = fake_result_from_real_labels(logic, request, real_case, to_parent)
 
     seg = logic.import_result(job, result)
     assert not job.workdir.exists()  # temporary files removed
@@ -333,7 +319,7 @@ def test_result_lands_exactly_on_the_input_under_its_transform_in_its_folder(
 
 def test_segments_carry_the_model_cards_names_colours_and_terminology(
         slicer_app, logic, model_card, mr_node, real_case):
-    job, result = _fake_result_from_real_labels(logic, SegmentationRequest(mr_node, model_card.id), real_case)
+    job, result = fake_result_from_real_labels(logic, SegmentationRequest(mr_node, model_card.id), real_case)
     seg = logic.import_result(job, result)
     segments = _segments(seg)
     assert [s.GetName() for s in segments] == model_card.labels.names()
@@ -356,7 +342,7 @@ def test_a_users_segmentation_is_never_overwritten_silently(slicer_app, logic, m
         logic.prepare(request)
     # the user edits the node WHILE a job that was allowed to write into an empty node runs
     empty = slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "was empty")
-    job, result = _fake_result_from_real_labels(
+    job, result = fake_result_from_real_labels(
         logic, SegmentationRequest(mr_node, model_card.id, output_node=empty), real_case)
     empty.GetSegmentation().AddEmptySegment("drawn meanwhile", "drawn meanwhile")
     with pytest.raises(InputError, match="not loaded to keep them"):
@@ -366,9 +352,9 @@ def test_a_users_segmentation_is_never_overwritten_silently(slicer_app, logic, m
     assert not job.workdir.exists()
 
     # "Create new" twice: two nodes, the first untouched
-    first = logic.import_result(*_fake_result_from_real_labels(logic, SegmentationRequest(mr_node, model_card.id),
+    first = logic.import_result(*fake_result_from_real_labels(logic, SegmentationRequest(mr_node, model_card.id),
                                                                real_case))
-    second = logic.import_result(*_fake_result_from_real_labels(logic, SegmentationRequest(mr_node, model_card.id),
+    second = logic.import_result(*fake_result_from_real_labels(logic, SegmentationRequest(mr_node, model_card.id),
                                                                 real_case))
     assert first.GetID() != second.GetID() and first.GetName() != second.GetName()
     assert len(_segments(first)) == len(model_card.labels.labels)
@@ -376,7 +362,7 @@ def test_a_users_segmentation_is_never_overwritten_silently(slicer_app, logic, m
     # with the user's consent the chosen node is replaced
     allowed = logic.with_overwrite(request)
     assert logic.overwrite_question(allowed) is None
-    replaced = logic.import_result(*_fake_result_from_real_labels(logic, allowed, real_case))
+    replaced = logic.import_result(*fake_result_from_real_labels(logic, allowed, real_case))
     assert replaced.GetID() == user.GetID()
     assert [s.GetName() for s in _segments(user)] == model_card.labels.names()
 
