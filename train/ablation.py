@@ -433,16 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name}: {'complete' if done else 'in progress'} (iteration {_iteration(run.run_dir)})",
                   flush=True)
         return 0
-    if args.command == "adopt":
+    if args.command in ("adopt", "adopt-package"):
         try:
-            print(f"adopted as {args.name}: {adopt(find(args.name), Path(args.run_dir))}")
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "adopt-package":
-        try:
-            print(f"recorded {args.name}: {adopt_package(find(args.name), args.package, args.device)}")
+            if args.command == "adopt":
+                print(f"adopted as {args.name}: {adopt(find(args.name), Path(args.run_dir))}")
+            else:
+                print(f"recorded {args.name}: {adopt_package(find(args.name), args.package, args.device)}")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
