@@ -95,8 +95,14 @@ class SliceView:
         self._mapper.SetColorLevel(127.5)
         self._image_actor = vtk.vtkActor2D()
         self._image_actor.SetMapper(self._mapper)
-        self._image_actor.GetProperty().SetDisplayLocationToBackground()
-        self.renderer.AddViewProp(self._image_actor)
+        # Its own renderer on layer 0 under the displayable managers' (layer 1), as Slicer layers its
+        # light-box image under them: in one renderer the segment fill would not blend over the image.
+        self._image_renderer = vtk.vtkRenderer()
+        self._image_renderer.SetLayer(0)
+        self._image_renderer.AddViewProp(self._image_actor)
+        self.window.SetNumberOfLayers(2)
+        self.renderer.SetLayer(1)
+        self.window.AddRenderer(self._image_renderer)
         self.logic.ResizeSliceNode(*size)
 
     def show(self, volume_node: Any, through_ras: Any = None) -> "SliceView":

@@ -6,7 +6,7 @@ The segmentation is made exactly as the module makes it — ``Segmenter.segment`
 then the module's import (:func:`SRCSMSegmenterLib.mrml.segmentation_from_labelmap`: names, colours,
 terminology, reference geometry) — and drawn by Slicer's own slice logic and segmentation displayable
 managers from the slicer-core wheel, offscreen (``offscreen_views.py``): axial, coronal and sagittal
-slice views through the liver with segment outlines, and the 3D view from the front. It is not a
+slice views through the liver with the segments as Slicer draws them by default (fill + outline), and the 3D view from the front. It is not a
 screenshot of the module's panel (that needs a Slicer build); it is what Slicer's views render.
 """
 
@@ -51,7 +51,6 @@ def render(out: Path, model: str = "abdomen-ct-srcsm", size: int = 360) -> Path:
     volume = app.volumes.AddArchetypeVolume(str(image_path), image_path.name.split(".")[0])
     seg = segmentation_from_labelmap(app.scene, result.labelmap, package.card.labels, volume)
     seg.CreateClosedSurfaceRepresentation()
-    seg.GetDisplayNode().SetOpacity2DFill(0.0)  # outlines over the image, as many readers prefer
 
     liver = np.argwhere(np.asarray(result.labelmap.array) == 1)[:, ::-1].mean(0)
     lps = result.labelmap.geometry.index_to_physical(liver[None])[0]
