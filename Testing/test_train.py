@@ -286,17 +286,18 @@ def test_committed_ablation_records_are_cells_of_the_plan():
 
 def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, shared_data):
     """``advance`` trains a cell to its budget, exports, evaluates and writes the committed record; a
-    recorded cell is done; a package stands in for a cell only when its card says it is that cell."""
+    recorded cell is done; the cell trained identically (its twin) is evaluated without retraining; a
+    package stands in for a cell only when its card says it is that cell."""
     from train import ablation
     from train.config import TrainConfig
 
-    cell = ablation.find("ct2mr-none")
+    cell = ablation.find("ct2mr-src")
     subset = make_subset_dataset(tmp_path / "Dataset501_AbdomenCT", shared_data / "Dataset501_AbdomenCT",
                                  ["sabs_09"], ["sabs_06"])
     target = make_subset_dataset(tmp_path / "Dataset502_AbdomenMRT2", shared_data / "Dataset502_AbdomenMRT2",
                                  [], ["chaos_01"])
-    cfg = TrainConfig(dataset=str(subset), model={"id": "ablation-ct2mr-none", "name": "t", "anatomy": "abdomen"},
-                      spacing=(9.6, 9.6, 9.6), patch_size=(32, 32, 32), augmentation="none",
+    cfg = TrainConfig(dataset=str(subset), model={"id": "ablation-ct2mr-src", "name": "t", "anatomy": "abdomen"},
+                      spacing=(9.6, 9.6, 9.6), patch_size=(32, 32, 32), augmentation="src",
                       network={"architecture": "srcsm_unet", "parameters": {"channels": [8, 16, 32], "dropout": 0.0}},
                       iterations=4, val_every=4, checkpoint_every=4, log_every=1, num_threads=2,
                       cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "runs" / cell.name))
@@ -306,6 +307,7 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
     monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "runs" / self.name))
     monkeypatch.setattr(ablation.Run, "eval_dir", property(lambda self: tmp_path / "eval" / self.name))
     monkeypatch.setattr(ablation.Run, "eval_dataset", property(lambda self: target))
+    monkeypatch.setattr(ablation.Run, "eval_split", property(lambda self: "all"))
     monkeypatch.setattr(ablation.Run, "result_file", property(lambda self: tmp_path / "results" / f"{self.name}.json"))
 
     assert ablation.advance(cell, None, "cpu")
@@ -316,16 +318,23 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
     assert ablation.advance(cell, None, "cpu")  # recorded: nothing is retrained
     assert (cell.run_dir / "checkpoint.safetensors").stat().st_mtime_ns == stamp
 
+    twin = ablation.find("mr2ct-indomain")  # the same model (here: same tiny config), another test set
+    assert ablation.twin(cell).name == twin.name and ablation.twin(twin).name == cell.name
+    assert ablation.advance(twin, None, "cpu")
+    assert not twin.run_dir.exists()  # nothing retrained
+    shared = ablation.result(twin)
+    assert shared["provenance"]["shared_with"] == "ct2mr-src" and shared["iterations"] == 4
+
     with pytest.raises(ValueError, match="already records the cell"):
         ablation.adopt_package(cell, cell.package_dir, device="cpu")
     cell.result_file.unlink()
-    other = ablation.find("ct2mr-src")  # same package, other method: refused before any evaluation
-    with pytest.raises(ValueError, match="augmentation: run has 'none', the plan needs 'src'"):
+    other = ablation.find("ct2mr-none")  # same package, other method: refused before any evaluation
+    with pytest.raises(ValueError, match="augmentation: run has 'src', the plan needs 'none'"):
         ablation.adopt_package(other, cell.package_dir, device="cpu")
     assert not other.result_file.exists()
     path = ablation.adopt_package(cell, cell.package_dir, device="cpu")
     rec = json.loads(path.read_text(encoding="utf-8"))
-    assert rec["provenance"]["kind"] == "adopted package" and rec["provenance"]["package"] == "ablation-ct2mr-none"
+    assert rec["provenance"]["kind"] == "adopted package" and rec["provenance"]["package"] == "ablation-ct2mr-src"
     assert rec["summary"]["cases"] == 1
 
 

@@ -24,7 +24,8 @@ can be advanced a few hours per session, on CPU or GPU; a run must reach its bud
 life (its checkpoints are not committed). Methods are only compared at equal budget: the budget belongs to the
 protocol, and every cell of a protocol is trained to exactly that many iterations. The in-domain reference
 of a protocol trains on the target domain with the recipe of the reverse protocol, so it gets that
-protocol's budget (it is a reference, not a contestant).
+protocol's budget (it is a reference, not a contestant) — and is the very model of the reverse protocol's
+SRC cell: one training serves both (:func:`twin`).
 """
 
 from __future__ import annotations
@@ -192,6 +193,23 @@ def result(run: Run) -> dict | None:
     return json.loads(run.result_file.read_text(encoding="utf-8")) if run.result_file.is_file() else None
 
 
+def twin(run: Run) -> Run | None:
+    """The other cell whose model is trained identically, or None.
+
+    The in-domain reference of a protocol trains on the target's training split with the reverse
+    protocol's recipe and budget — exactly the reverse protocol's SRC cell (e.g. ``ct2mr-indomain`` and
+    ``mr2ct-src`` are one MR-trained model, evaluated on the MR test split and on all CTs). One training
+    serves both cells."""
+    if run.in_domain:
+        reverse = run.protocol.reverse
+        return None if reverse is None else Run(f"{reverse.name}-src", reverse, "src")
+    if run.method == "src":
+        reverse = run.protocol.reverse
+        if reverse is not None and reverse.in_domain_train_split is not None:
+            return Run(f"{reverse.name}-indomain", reverse, "src", in_domain=True)
+    return None
+
+
 def advance(run: Run, time_limit: float | None, device: str) -> bool:
     """Train/export/evaluate/record ``run`` as far as possible; True when it is recorded."""
     from .evaluate import evaluate_model
@@ -201,6 +219,15 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
     if _unavailable(run):
         return False
     if result(run) is not None:
+        return True
+    shared = twin(run)
+    if not run.run_dir.exists() and shared is not None and (shared.package_dir / "model.json").is_file():
+        # the same model was already trained for the twin cell: evaluate it here instead of retraining
+        check_package(run, shared.package_dir)
+        summary = _summary(run) or evaluate_model(shared.package_dir, run.eval_dataset, run.eval_dir,
+                                                  split=run.eval_split, device=device)
+        record(run, summary, run.iterations, {"kind": "trained by the plan", "shared_with": shared.name,
+                                              "weights": "ema", "weights_dtype": "float32", "device": device})
         return True
     cfg = run.config(device)
     if _iteration(run.run_dir) < cfg.iterations:
