@@ -453,3 +453,39 @@ def test_cross_entropy_term_gives_a_large_missed_organ_its_gradient(kind, share)
     assert share[0] <= large < share[1], large
     with pytest.raises(ValueError, match="unknown loss"):
         segmentation_loss(logits, lab, "dice")
+
+
+def test_a_collapsed_training_run_is_named_in_its_record(tmp_path):
+    """A run whose validation Dice fell to a fraction of its best (GDL saturated at 1: one class
+    everywhere) gets a note naming the collapse; a healthy or never-learning run gets none."""
+    from train.ablation import training_collapse
+
+    def log(rows: list[tuple[int, float, float | None]]) -> Path:
+        f = tmp_path / f"log{len(list(tmp_path.iterdir()))}.csv"
+        lines = ["iteration,s_per_it,loss,val_dice_mean"]
+        lines += [f"{it},1.0,{loss},{'' if v is None else v}" for it, loss, v in rows]
+        f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return f
+
+    healthy = [(1000, 0.5, 0.4), (1500, 0.3, None), (2000, 0.2, 0.6), (3000, 0.2, 0.55)]
+    assert training_collapse(log(healthy)) is None
+    assert training_collapse(log([(1000, 0.9, 0.05), (2000, 0.95, 0.02)])) is None  # never learned: no collapse
+    assert training_collapse(tmp_path / "missing.csv") is None
+    collapsed = healthy[:3] + [(3080, 0.6, None), (3090, 0.999, None), (3500, 0.97, None), (4000, 0.97, 0.02)]
+    note = training_collapse(log(collapsed))
+    assert note.startswith("training collapsed: validation mean Dice 0.600 at iteration 2000, 0.020 at 4000")
+    assert "from iteration 3090 on" in note
+
+
+def test_trainer_warns_when_validation_collapses():
+    import types
+
+    from train.trainer import Trainer
+
+    said: list[str] = []
+    trainer = types.SimpleNamespace(log=said.append)
+    for dice in (0.2, 0.5, 0.64, 0.6, 0.4):
+        Trainer._warn_if_collapsed(trainer, dice)
+    assert said == []  # learning, then a normal dip
+    Trainer._warn_if_collapsed(trainer, 0.02)
+    assert len(said) == 1 and "fell from 0.640 to 0.020" in said[0] and "gdl_ce" in said[0]

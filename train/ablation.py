@@ -243,10 +243,47 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
     adopted = run.run_dir / "adopted_from.json"
     provenance = {"kind": "adopted run" if adopted.is_file() else "trained by the plan", "weights": "ema",
                   "weights_dtype": "float32", "device": device}
+    collapse = training_collapse(run.run_dir / "log.csv")
+    if collapse:
+        provenance["note"] = collapse
     if adopted.is_file():
         provenance["source"] = json.loads(adopted.read_text(encoding="utf-8"))["source"]
     record(run, summary, _iteration(run.run_dir), provenance)
     return True
+
+
+def training_collapse(log_csv: Path, floor: float = 0.3, loss_level: float = 0.9) -> str | None:
+    """A sentence describing a collapse of the run, or None.
+
+    A run has collapsed when its last validation mean Dice is below half its best one (the best at least
+    ``floor``). The sentence also names the first logged iteration from which the loss stayed at
+    ``loss_level`` or more (the generalised Dice loss saturates at 1 when the network predicts one class
+    everywhere and its gradient vanishes), so a table never shows a collapsed model's number as what the
+    method can do."""
+    import csv
+
+    if not log_csv.is_file():
+        return None
+    with open(log_csv, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    val = [(int(r["iteration"]), float(r["val_dice_mean"])) for r in rows if r.get("val_dice_mean")]
+    if len(val) < 2:
+        return None
+    best_it, best = max(val, key=lambda v: v[1])
+    last_it, last = val[-1]
+    if best < floor or last >= best / 2:
+        return None
+    losses = [(int(r["iteration"]), float(r["loss"])) for r in rows if r.get("loss")]
+    since = None
+    for it, loss in reversed(losses):
+        if loss < loss_level:
+            break
+        since = it
+    where = (f"; the loss stayed ≥ {loss_level} from iteration {since} on (one class predicted everywhere, "
+             f"vanishing gradient)" if since is not None else "")
+    return (f"training collapsed: validation mean Dice {best:.3f} at iteration {best_it}, {last:.3f} at "
+            f"{last_it}{where}. The number measures the collapsed model, not what the method can do at this "
+            f"budget")
 
 
 def _differences(run: Run, config: dict, iteration: int) -> list[str]:

@@ -387,6 +387,17 @@ class Trainer:
         out["val_dice_mean"] = float(torch.nanmean(per_class))
         return out
 
+    def _warn_if_collapsed(self, dice: float) -> None:
+        """Say so when validation Dice falls below half its best (≥ 0.3) of this process: the generalised
+        Dice loss can saturate (one class everywhere, vanishing gradient) and then never recovers."""
+        best = getattr(self, "_best_val_dice", float("nan"))
+        if math.isfinite(dice) and not dice <= best:
+            self._best_val_dice = dice
+        elif best >= 0.3 and dice < best / 2:
+            self.log(f"WARNING: validation mean Dice fell from {best:.3f} to {dice:.3f}: the run has probably "
+                     f"collapsed (loss near 1, vanishing gradient). Restart from an earlier checkpoint or use "
+                     f"`loss: gdl_ce`, whose cross-entropy term keeps a per-voxel gradient.")
+
     # -------------------------------------------------------------------------------- loop
     def fit(self, time_limit_s: float | None = None, until_iteration: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
@@ -437,6 +448,7 @@ class Trainer:
                 row = (row or {"iteration": self.iteration}) | val
                 if val:
                     self.log(f"iteration {self.iteration}: " + ", ".join(f"{k}={v:.3f}" for k, v in val.items()))
+                    self._warn_if_collapsed(val["val_dice_mean"])
             if row and self.dist.main:
                 self.history.append(row)
                 _append_csv(csv_path, row)
