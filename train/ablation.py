@@ -439,6 +439,8 @@ def _source_text(provenance: dict) -> str:
     kind = provenance.get("kind", "?")
     if kind == "adopted package":
         return f"zoo package `{provenance.get('package')}` {provenance.get('version')}"
+    if provenance.get("shared_with"):
+        return f"{kind}: the model of `{provenance['shared_with']}`"
     return kind
 
 
@@ -495,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and run.name not in args.only:
                 continue
             done = advance(run, args.time_limit, args.device)
-            print(f"{run.name}: {'complete' if done else 'in progress'} (iteration {_iteration(run.run_dir)})",
-                  flush=True)
+            rec = result(run)
+            iteration = rec["iterations"] if rec else _iteration(run.run_dir)
+            print(f"{run.name}: {'complete' if done else 'in progress'} (iteration {iteration})", flush=True)
         return 0
     if args.command in ("adopt", "adopt-package"):
         try:
