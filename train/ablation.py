@@ -181,10 +181,10 @@ def record(run: Run, summary: dict, iterations: int, provenance: dict[str, Any])
     data = {"cell": run.name, "protocol": run.protocol.name, "method": run.method, "in_domain": run.in_domain,
             "budget": run.iterations, "iterations": iterations,
             "recorded": datetime.date.today().isoformat(), "provenance": provenance, "summary": summary}
-    run.result_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.result_file.with_name(f".{run.result_file.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, run.result_file)
+    from SRCSMSegmenterLib.image import atomic_output
+
+    with atomic_output(run.result_file) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
     return run.result_file
 
 
@@ -252,15 +252,17 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
     return True
 
 
-def training_collapse(log_csv: Path, floor: float = 0.3, loss_level: float = 0.9) -> str | None:
+def training_collapse(log_csv: Path, loss_level: float = 0.9) -> str | None:
     """A sentence describing a collapse of the run, or None.
 
-    A run has collapsed when its last validation mean Dice is below half its best one (the best at least
-    ``floor``). The sentence also names the first logged iteration from which the loss stayed at
+    A run has collapsed when its last validation mean Dice collapsed against its best one
+    (:func:`train.trainer.validation_collapsed`, the rule the trainer warns with). The sentence also names the first logged iteration from which the loss stayed at
     ``loss_level`` or more (the generalised Dice loss saturates at 1 when the network predicts one class
     everywhere and its gradient vanishes), so a table never shows a collapsed model's number as what the
     method can do."""
     import csv
+
+    from .trainer import validation_collapsed
 
     if not log_csv.is_file():
         return None
@@ -271,7 +273,7 @@ def training_collapse(log_csv: Path, floor: float = 0.3, loss_level: float = 0.9
         return None
     best_it, best = max(val, key=lambda v: v[1])
     last_it, last = val[-1]
-    if best < floor or last >= best / 2:
+    if not validation_collapsed(best, last):
         return None
     losses = [(int(r["iteration"]), float(r["loss"])) for r in rows if r.get("loss")]
     since = None
