@@ -170,6 +170,22 @@ def test_resume_continues_exactly(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_torn_checkpoint_pair_is_refused_not_resumed(tmp_path):
+    """A session that ends between writing the weights and the state must not resume a mixed pair."""
+    from train.trainer import CHECKPOINT_STATE, Trainer, load_checkpoint
+
+    cfg = _tiny_config(tmp_path, _subset(tmp_path), iterations=4, checkpoint_every=2)
+    Trainer(cfg, log=lambda m: None).fit(until_iteration=2)
+    run = tmp_path / "run"
+    kept = (run / CHECKPOINT_STATE).read_text(encoding="utf-8")
+    Trainer(cfg, resume=True, log=lambda m: None).fit()  # iteration 4: weights and state agree
+    assert load_checkpoint(run)[1]["iteration"] == 4
+    assert not list(run.glob(".*.partial"))  # no temporaries left behind
+    (run / CHECKPOINT_STATE).write_text(kept, encoding="utf-8")  # state of 2 beside weights of 4
+    with pytest.raises(ValueError, match="iteration 4 but checkpoint.json says 2"):
+        Trainer(cfg, resume=True, log=lambda m: None).fit()
+
+
 def test_time_limit_checkpoints_and_stops(tmp_path):
     from train.trainer import Trainer
 

@@ -16,16 +16,18 @@
                                       cross-domain setting, published references) and ``docs/ablation.png``.
 
 A finished cell is *recorded* in ``docs/ablation-results/NAME.json`` (the evaluation summary with where it
-came from), which is committed: run folders, checkpoints and per-case evaluations are git-ignored and do not
-outlive the machine they were made on, the record does, so the table never loses a measured cell. Every
-step is idempotent: a recorded cell is done, a run whose checkpoint reached its budget is not retrained,
-an exported package is not re-exported, an evaluation with a ``summary.json`` is not redone. So the plan
-can be advanced a few hours per session, on CPU or GPU; a run must reach its budget within one machine's
-life (its checkpoints are not committed). Methods are only compared at equal budget: the budget belongs to the
-protocol, and every cell of a protocol is trained to exactly that many iterations. The in-domain reference
-of a protocol trains on the target domain with the recipe of the reverse protocol, so it gets that
-protocol's budget (it is a reference, not a contestant) — and is the very model of the reverse protocol's
-SRC cell: one training serves both (:func:`twin`).
+came from), which is committed: run folders, checkpoints and per-case evaluations are git-ignored — they
+stay in the checkout they were made in (a later session on it resumes a run from its last checkpoint) but
+not in a fresh clone or on another machine; the record travels with the repository, so the table never
+loses a measured cell. Every step is idempotent: a recorded cell is done, a run whose checkpoint reached
+its budget is not retrained, an exported package is not re-exported, an evaluation with a
+``summary.json`` is not redone. So the plan can be advanced a few hours per session, on CPU or GPU, and a
+run longer than a session (GIN-IPA: three views per step) continues where it stopped.
+Methods are only compared at equal budget: the budget belongs to the protocol, and every cell of a
+protocol is trained to exactly that many iterations. The in-domain reference of a protocol trains on
+the target domain with the recipe of the reverse protocol, so it gets that protocol's budget (it is a
+reference, not a contestant) — and is the very model of the reverse protocol's SRC cell: one training
+serves both (:func:`twin`).
 """
 
 from __future__ import annotations

@@ -107,14 +107,15 @@ def centre_crop(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out_dir: Path, model: torch.nn.Module, ema: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> None:
+    """Write the weights and the JSON state as one pair.
+
+    Both files are written in full to temporaries first and then renamed back to back, and the weights
+    carry the state's iteration in their metadata: a run killed while checkpointing (a session ending)
+    keeps the previous pair, and a pair torn between the two renames is refused at load instead of
+    resuming weights of one iteration with the counters and RNG of another.
+    """
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {}
@@ -129,20 +130,39 @@ def save_checkpoint(out_dir: Path, model: torch.nn.Module, ema: dict[str, torch.
                 tensors[f"opt.{pid}.{name}"] = val.detach().cpu().contiguous().reshape(val.shape)
     for name, val in state.pop("_tensors", {}).items():
         tensors[f"rng.{name}"] = val
-    _atomic_write_bytes(out_dir / CHECKPOINT_WEIGHTS, save(tensors))
     state = dict(state, param_groups=opt_state["param_groups"])
-    _atomic_write_bytes(out_dir / CHECKPOINT_STATE, json.dumps(state, indent=1, default=str).encode())
+    pairs = [(out_dir / CHECKPOINT_WEIGHTS, save(tensors, metadata={"iteration": str(state.get("iteration"))})),
+             (out_dir / CHECKPOINT_STATE, json.dumps(state, indent=1, default=str).encode())]
+    partials = []
+    for path, data in pairs:
+        tmp = path.with_name(f".{path.name}.partial")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        partials.append((tmp, path))
+    for tmp, path in partials:
+        os.replace(tmp, path)
 
 
 def load_checkpoint(out_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The checkpoint pair of ``out_dir``, refused with a clear error when its two files disagree."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    tensors = load_file(str(out_dir / CHECKPOINT_WEIGHTS))
+    weights = out_dir / CHECKPOINT_WEIGHTS
+    tensors = load_file(str(weights))
     groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "ema": {}, "opt": {}, "rng": {}}
     for k, v in tensors.items():
         head, rest = k.split(".", 1)
         groups[head][rest] = v
     state = json.loads((out_dir / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+    with safe_open(str(weights), framework="pt") as f:
+        saved_at = (f.metadata() or {}).get("iteration")
+    if saved_at is not None and saved_at != str(state.get("iteration")):
+        raise ValueError(f"{out_dir}: {CHECKPOINT_WEIGHTS} is from iteration {saved_at} but {CHECKPOINT_STATE} "
+                         f"says {state.get('iteration')} (the run was stopped while checkpointing). Restart the "
+                         f"run in a new folder, or restore a matching pair from a backup.")
     return groups, state
 
 
