@@ -266,7 +266,13 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     # an evaluation that was never recorded does not count (only records outlive the machine)
     runs[1].eval_dir.mkdir(parents=True)
     (runs[1].eval_dir / "summary.json").write_text('{"cases": 1, "settings": {}}', encoding="utf-8")
+    # a run stopped mid-way (a session ended) says where it resumes
+    runs[2].run_dir.mkdir(parents=True)
+    (runs[2].run_dir / "checkpoint.json").write_text('{"iteration": 600}', encoding="utf-8")
     text = ablation.table(tmp_path / "ablation.md").read_text(encoding="utf-8")
+    assert (f"| ct2mr | {runs[2].label} | 4000 | 600 | not finished (training, resumes from its checkpoint at "
+            f"iteration 600) |") in text
+    assert text.count("not finished (not started)") == len(runs) - 4
     assert "| ct2mr | none | 4000 | 4000 | 0.500 | 0.250 | 7.25 | 9.00 | trained by the plan |" in text
     assert "| ct2mr | src | 4000 | 4000 | 0.625 | 0.375 | 7.25 | 9.00 | zoo package `zoo-ct` 0.1.0 (1) |" in text
     assert "1. ct2mr-src: from the zoo" in text

@@ -403,7 +403,9 @@ def table(out_md: Path = REPO / "docs" / "ablation.md", figure: bool = True) -> 
         if reason:
             lines.append(f"{head} not measurable: {reason} | | | | |")
         elif rec is None:
-            lines.append(f"{head} not finished | | | | |")
+            state = (f"training, resumes from its checkpoint at iteration {iteration}" if iteration
+                     else "not started")
+            lines.append(f"{head} not finished ({state}) | | | | |")
         else:
             s = rec["summary"]
             results.setdefault(run.protocol.name, []).append((run, s))
