@@ -362,6 +362,30 @@ def test_gin_consistency_loss_matches_their_kldiv():
     assert float(gin_mod.consistency_loss([views[0]] * 3)) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_gin_consistency_loss_has_finite_gradients_for_confident_networks():
+    """A trained network's logits differ by > 100 between classes: softmax underflows to exactly 0.
+    The consistency term must keep its value and give finite gradients there (a NaN gradient makes the
+    trainer skip the step — it skipped 30–100 % of GIN-IPA steps before this was fixed)."""
+    g = torch.Generator().manual_seed(1)
+    views = [(torch.randn(2, 4, 5, 5, 5, generator=g) * 60).requires_grad_() for _ in range(3)]
+    with torch.no_grad():
+        assert (torch.stack([F.softmax(v, 1) for v in views]).sum(0) == 0).any()  # underflow happens
+    loss = gin_mod.consistency_loss(views)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for v in views:
+        assert torch.isfinite(v.grad).all()
+    # same value and gradient as the textbook form where nothing underflows
+    small = [(v.detach() / 60).requires_grad_() for v in views]
+    ref_small = [v.detach().clone().requires_grad_() for v in small]
+    gin_mod.consistency_loss(small).backward()
+    p_avg = sum(F.softmax(v, 1) for v in ref_small) / 3
+    ref = 10.0 * sum((p_avg * (p_avg.log() - F.log_softmax(v, 1))).mean() for v in ref_small) / 3
+    ref.backward()
+    for a, b in zip(small, ref_small):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
 # ------------------------------------------------------------------------------------------ spatial
 
 

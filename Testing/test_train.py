@@ -170,6 +170,46 @@ def test_resume_continues_exactly(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_resume_drops_log_rows_written_after_the_checkpoint(tmp_path):
+    """A session killed between two checkpoints has logged steps its resume redoes: the log must hold
+    each iteration once, with the values of the resumed run."""
+    from train.trainer import Trainer
+
+    ds = _subset(tmp_path)
+    full = _tiny_config(tmp_path, ds, output_dir=str(tmp_path / "full"))
+    Trainer(full, log=lambda m: None).fit()
+    part = _tiny_config(tmp_path, ds, output_dir=str(tmp_path / "part"))
+    Trainer(part, log=lambda m: None).fit(until_iteration=6)
+    with open(tmp_path / "part" / "log.csv", "a", encoding="utf-8") as f:  # steps 7, 8 logged, then killed
+        f.write("7,0.1,0.99,0.99,1.0,0.0\n8,0.1,0.98,0.98,1.0,0.0\n")
+    said: list[str] = []
+    Trainer(part, resume=True, log=said.append).fit()
+    with open(tmp_path / "part" / "log.csv", encoding="utf-8") as f:
+        iterations = [int(r["iteration"]) for r in csv.DictReader(f)]
+    assert iterations == list(range(1, 13))
+    np.testing.assert_allclose(_losses(tmp_path / "part"), _losses(tmp_path / "full"), rtol=1e-4, atol=1e-5)
+    assert any("dropped 2 row(s)" in m for m in said)
+
+
+def test_a_run_whose_steps_all_fail_stops_and_keeps_its_last_checkpoint(tmp_path, monkeypatch):
+    """Weights blown up to ±1e30 give a non-finite loss at every step: the trainer must stop with an
+    error that names the cause and the fix instead of burning hours of skipped steps."""
+    import train.trainer as trainer_mod
+    from train.trainer import Trainer, TrainingStalledError, load_checkpoint
+
+    monkeypatch.setattr(trainer_mod, "MAX_CONSECUTIVE_SKIPS", 4)
+    cfg = _tiny_config(tmp_path, _subset(tmp_path), iterations=40, checkpoint_every=1, learning_rate=1e30)
+    said: list[str] = []
+    with pytest.raises(TrainingStalledError, match="non-finite loss or gradient.*resume with --resume"):
+        Trainer(cfg, log=said.append).fit()
+    with open(tmp_path / "run" / "log.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["skipped"]) == 1.0
+    assert any("were skipped" in m for m in said)
+    saved = load_checkpoint(tmp_path / "run")[1]["iteration"]
+    assert saved == int(rows[-1]["iteration"]) and saved < 40  # stopped at once, nothing after the last good save
+
+
 def test_torn_checkpoint_pair_is_refused_not_resumed(tmp_path):
     """A session that ends between writing the weights and the state must not resume a mixed pair."""
     from train.trainer import CHECKPOINT_STATE, Trainer, load_checkpoint
@@ -497,6 +537,25 @@ def test_a_collapsed_training_run_is_named_in_its_record(tmp_path):
     note = training_collapse(log(collapsed))
     assert note.startswith("training collapsed: validation mean Dice 0.600 at iteration 2000, 0.020 at 4000")
     assert "from iteration 3090 on" in note
+
+
+def test_a_run_with_skipped_steps_says_how_many_updates_it_had(tmp_path):
+    """Skipped steps advance the iteration count without training: a cell's record must say so
+    (the first GIN-IPA runs skipped 29 % and 46 % of their steps before the consistency loss was fixed)."""
+    from train.ablation import skipped_steps
+
+    f = tmp_path / "log.csv"
+    rows = ["iteration,s_per_it,loss,gdl,grad_norm,skipped,consistency"]
+    rows += [f"{it},3.0,0.8,0.7,4.0,{0.0 if it <= 400 else 1.0},0.05" for it in range(10, 601, 10)]
+    rows.insert(30, "300,,,,,,,")  # a validation-only row has no 'skipped'
+    f.write_text("\n".join(rows[:1] + [r.rstrip(",") for r in rows[1:]]) + "\n", encoding="utf-8")
+    assert skipped_steps(f) == ("200 of its 600 steps (33%) were skipped for a non-finite loss or gradient: "
+                                "the model had 400 updates, not 600.")
+    few = ["iteration,loss,skipped"] + [f"{it},0.5,{0.1 if it == 20 else 0.0}" for it in range(10, 301, 10)]
+    f.write_text("\n".join(few) + "\n", encoding="utf-8")
+    assert skipped_steps(f) is None  # one skipped step of 300 (fp16 loss scaling does this): no note
+    assert skipped_steps(f, threshold=0.0) is not None
+    assert skipped_steps(tmp_path / "missing.csv") is None
 
 
 def test_trainer_warns_when_validation_collapses():

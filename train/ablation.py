@@ -245,9 +245,9 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
     adopted = run.run_dir / "adopted_from.json"
     provenance = {"kind": "adopted run" if adopted.is_file() else "trained by the plan", "weights": "ema",
                   "weights_dtype": "float32", "device": device}
-    collapse = training_collapse(run.run_dir / "log.csv")
-    if collapse:
-        provenance["note"] = collapse
+    notes = [n for n in (training_collapse(run.run_dir / "log.csv"), skipped_steps(run.run_dir / "log.csv")) if n]
+    if notes:
+        provenance["note"] = " ".join(notes)
     if adopted.is_file():
         provenance["source"] = json.loads(adopted.read_text(encoding="utf-8"))["source"]
     record(run, summary, _iteration(run.run_dir), provenance)
@@ -288,6 +288,28 @@ def training_collapse(log_csv: Path, loss_level: float = 0.9) -> str | None:
     return (f"training collapsed: validation mean Dice {best:.3f} at iteration {best_it}, {last:.3f} at "
             f"{last_it}{where}. The number measures the collapsed model, not what the method can do at this "
             f"budget.")
+
+
+def skipped_steps(log_csv: Path, threshold: float = 0.01) -> str | None:
+    """A sentence when more than ``threshold`` of the run's steps were skipped, or None.
+
+    A skipped step (non-finite loss or gradient) advances the iteration count without training, so such
+    a cell had fewer updates than its budget says. Counted from the log's per-window ``skipped`` means."""
+    import csv
+
+    if not log_csv.is_file():
+        return None
+    with open(log_csv, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("skipped")]
+    skipped, previous = 0.0, 0
+    for r in rows:
+        iteration = int(r["iteration"])
+        skipped += float(r["skipped"]) * (iteration - previous)
+        previous = iteration
+    if not previous or skipped <= threshold * previous:
+        return None
+    return (f"{round(skipped)} of its {previous} steps ({skipped / previous:.0%}) were skipped for a non-finite "
+            f"loss or gradient: the model had {previous - round(skipped)} updates, not {previous}.")
 
 
 def _differences(run: Run, config: dict, iteration: int) -> list[str]:

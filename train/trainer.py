@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from SRCSMSegmenterLib.device import autocast, memory_format, resolve_device, resolve_precision
+from SRCSMSegmenterLib.errors import SRCSMError
 from SRCSMSegmenterLib.normalization import default_normalization, normalize_tensor
 from SRCSMSegmenterLib.network import build_network
 
@@ -34,6 +35,15 @@ from .losses import l2_penalty, segmentation_loss, soft_dice_per_class
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
+#: A run whose every step for this long had a non-finite loss or gradient is stopped: its weights no
+#: longer change, so going on only burns compute (fp16 loss scaling skips a handful at most).
+MAX_CONSECUTIVE_SKIPS = 100
+#: Warn when more than this share of a logging window's steps were skipped.
+SKIP_WARNING_SHARE = 0.1
+
+
+class TrainingStalledError(SRCSMError):
+    """Training steps keep failing (non-finite loss or gradients), so the weights no longer change."""
 
 
 # ----------------------------------------------------------------------------------- sampling
@@ -287,6 +297,10 @@ class Trainer:
         if gen_state is not None:
             self.gen.set_state(gen_state)
         self.history = state.get("history", [])
+        if self.dist.main:
+            dropped = _truncate_csv(self.out_dir / "log.csv", self.iteration)
+            if dropped:
+                self.log(f"log.csv: dropped {dropped} row(s) logged after the checkpoint (they are redone)")
         self.log(f"resumed from iteration {self.iteration}")
 
     def checkpoint(self) -> None:
@@ -455,9 +469,20 @@ class Trainer:
         t_last = time.monotonic()
         running: dict[str, float] = {}
         n_running = 0
+        consecutive_skips = 0
+        last_skip_warning = -10 ** 9
         while self.iteration < end:
             stats = self.step()
             self.iteration += 1
+            consecutive_skips = consecutive_skips + 1 if stats.get("skipped") else 0
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise TrainingStalledError(
+                    f"the last {consecutive_skips} training steps (to iteration {self.iteration}) all had a "
+                    f"non-finite loss or gradient (last: loss {stats.get('loss')}, gradient norm "
+                    f"{stats.get('grad_norm')}), so the weights stopped changing; stopped without writing "
+                    f"a checkpoint, so {self.out_dir / CHECKPOINT_STATE} still holds the last good state. "
+                    f"Check the data for NaN/Inf voxels, lower the learning rate or use precision 'fp32' "
+                    f"(fp16 can overflow), then resume with --resume.")
             for k, v in stats.items():
                 if math.isfinite(v):
                     running[k] = running.get(k, 0.0) + v
@@ -471,6 +496,11 @@ class Trainer:
                 row = {"iteration": self.iteration, "s_per_it": (now - t_last) / max(1, n_running),
                        **{k: v / max(1, n_running) for k, v in running.items()}}
                 t_last, running, n_running = now, {}, 0
+                share = row.get("skipped", 0.0)
+                if share > SKIP_WARNING_SHARE and self.iteration - last_skip_warning >= 10 * cfg.log_every:
+                    last_skip_warning = self.iteration
+                    self.log(f"WARNING: {share:.0%} of the steps logged at iteration {self.iteration} were "
+                             f"skipped (non-finite loss or gradient); a skipped step does not train.")
             if self.dist.main and cfg.val_every and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
                 val = self.validate()
                 row = (row or {"iteration": self.iteration}) | val
@@ -497,6 +527,29 @@ class Trainer:
         if self.dist.world > 1:
             dist.barrier()
         return {"iteration": self.iteration, "history": self.history}
+
+
+def _truncate_csv(path: Path, iteration: int) -> int:
+    """Drop the rows of ``path`` logged after ``iteration`` (a run killed between two checkpoints logged
+    steps that its resume redoes); return how many. Rewritten atomically."""
+    if not path.is_file():
+        return 0
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        fields = list(reader.fieldnames or [])
+    kept = [r for r in rows if int(r["iteration"]) <= iteration]
+    if len(kept) == len(rows):
+        return 0
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:

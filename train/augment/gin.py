@@ -42,6 +42,8 @@ Plain GIN (``gin``) is their GIN-only ablation: one view, no consistency term ne
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -167,10 +169,15 @@ def consistency_loss(logits_views: list[torch.Tensor] | tuple[torch.Tensor, ...]
     against the average softmax ``p̄`` (not detached, as theirs): KL(p̄ ‖ p_i) averaged over every
     element, i.e. over batch, classes and voxels. ``logits_views``: ``(B, C, D, H, W)`` each.
     """
-    log_probs = [F.log_softmax(v.float(), dim=1) for v in logits_views]
-    p_avg = sum(lp.exp() for lp in log_probs) / len(log_probs)
-    # = F.kl_div(lp, p_avg, reduction="mean"), written out to avoid its deprecation warning
-    terms = [(torch.xlogy(p_avg, p_avg) - p_avg * lp).mean() for lp in log_probs]
+    log_probs = torch.stack([F.log_softmax(v.float(), dim=1) for v in logits_views])
+    # log p̄ from the views' log-probabilities (log-sum-exp), not log of p̄: where a class's softmax
+    # underflows to 0 in every view (logit gaps ≳ 100, reached by confident networks), the value is the
+    # same but the gradient of xlogy(p̄, p̄) = p̄·log p̄ — which is what F.kl_div computes — is 0/0 = NaN,
+    # and every training step with such a voxel would be skipped. d(e^l·l)/dl = e^l·(l + 1) stays finite.
+    log_avg = torch.logsumexp(log_probs, dim=0) - math.log(len(logits_views))
+    p_avg = log_avg.exp()
+    # = F.kl_div(lp, p_avg, reduction="mean") per view, averaged over the views
+    terms = [(p_avg * (log_avg - lp)).mean() for lp in log_probs]
     return weight * sum(terms) / len(terms)
 
 
