@@ -519,7 +519,8 @@ def test_cross_entropy_term_gives_a_large_missed_organ_its_gradient(kind, share)
 
 def test_a_collapsed_training_run_is_named_in_its_record(tmp_path):
     """A run whose validation Dice fell to a fraction of its best (GDL saturated at 1: one class
-    everywhere) gets a note naming the collapse; a healthy or never-learning run gets none."""
+    everywhere) gets a note naming the collapse, one that never learned (loss stuck near 1, Dice near 0)
+    a note naming the failure; a healthy or slowly learning run gets none."""
     from train.ablation import training_collapse
 
     def log(rows: list[tuple[int, float, float | None]]) -> Path:
@@ -531,7 +532,10 @@ def test_a_collapsed_training_run_is_named_in_its_record(tmp_path):
 
     healthy = [(1000, 0.5, 0.4), (1500, 0.3, None), (2000, 0.2, 0.6), (3000, 0.2, 0.55)]
     assert training_collapse(log(healthy)) is None
-    assert training_collapse(log([(1000, 0.9, 0.05), (2000, 0.95, 0.02)])) is None  # never learned: no collapse
+    failed = training_collapse(log([(50, 0.8, None), (100, 0.97, None), (1000, 0.98, 0.01), (2000, 0.97, 0.02)]))
+    assert failed.startswith("training failed: validation mean Dice 0.020 at iteration 2000 (best 0.020 at 2000)")
+    assert "from iteration 100 on" in failed and "did not learn" in failed
+    assert training_collapse(log([(1000, 0.6, 0.05), (2000, 0.5, 0.08)])) is None  # learning slowly: no note
     assert training_collapse(tmp_path / "missing.csv") is None
     collapsed = healthy[:3] + [(3080, 0.6, None), (3090, 0.999, None), (3500, 0.97, None), (4000, 0.97, 0.02)]
     note = training_collapse(log(collapsed))

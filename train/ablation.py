@@ -254,14 +254,16 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
     return True
 
 
-def training_collapse(log_csv: Path, loss_level: float = 0.9) -> str | None:
-    """A sentence describing a collapse of the run, or None.
+def training_collapse(log_csv: Path, loss_level: float = 0.9, failed_dice: float = 0.1) -> str | None:
+    """A sentence describing a collapsed or failed run, or None.
 
-    A run has collapsed when its last validation mean Dice collapsed against its best one
-    (:func:`train.trainer.validation_collapsed`, the rule the trainer warns with). The sentence also names the first logged iteration from which the loss stayed at
-    ``loss_level`` or more (the generalised Dice loss saturates at 1 when the network predicts one class
-    everywhere and its gradient vanishes), so a table never shows a collapsed model's number as what the
-    method can do."""
+    A run has *collapsed* when its last validation mean Dice collapsed against its best one
+    (:func:`train.trainer.validation_collapsed`, the rule the trainer warns with); it has *failed* when
+    its last validation mean Dice is below ``failed_dice`` and its loss stayed at ``loss_level`` or more
+    to the end (it never learned, or fell back before its first validation). The sentence names the first
+    logged iteration from which the loss stayed there (the generalised Dice loss saturates at 1 when the
+    network predicts one class everywhere and its gradient vanishes), so a table never shows such a
+    model's number as what the method can do."""
     import csv
 
     from .trainer import validation_collapsed
@@ -271,12 +273,10 @@ def training_collapse(log_csv: Path, loss_level: float = 0.9) -> str | None:
     with open(log_csv, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     val = [(int(r["iteration"]), float(r["val_dice_mean"])) for r in rows if r.get("val_dice_mean")]
-    if len(val) < 2:
+    if not val:
         return None
     best_it, best = max(val, key=lambda v: v[1])
     last_it, last = val[-1]
-    if not validation_collapsed(best, last):
-        return None
     losses = [(int(r["iteration"]), float(r["loss"])) for r in rows if r.get("loss")]
     since = None
     for it, loss in reversed(losses):
@@ -285,9 +285,15 @@ def training_collapse(log_csv: Path, loss_level: float = 0.9) -> str | None:
         since = it
     where = (f"; the loss stayed ≥ {loss_level} from iteration {since} on (one class predicted everywhere, "
              f"vanishing gradient)" if since is not None else "")
-    return (f"training collapsed: validation mean Dice {best:.3f} at iteration {best_it}, {last:.3f} at "
-            f"{last_it}{where}. The number measures the collapsed model, not what the method can do at this "
-            f"budget.")
+    if len(val) >= 2 and validation_collapsed(best, last):
+        return (f"training collapsed: validation mean Dice {best:.3f} at iteration {best_it}, {last:.3f} at "
+                f"{last_it}{where}. The number measures the collapsed model, not what the method can do at "
+                f"this budget.")
+    if last < failed_dice and since is not None:
+        return (f"training failed: validation mean Dice {last:.3f} at iteration {last_it} (best {best:.3f} at "
+                f"{best_it}){where}. The number measures a model that did not learn, not what the method can "
+                f"do at this budget.")
+    return None
 
 
 def skipped_steps(log_csv: Path, threshold: float = 0.01) -> str | None:
