@@ -210,6 +210,37 @@ def test_a_run_whose_steps_all_fail_stops_and_keeps_its_last_checkpoint(tmp_path
     assert saved == int(rows[-1]["iteration"]) and saved < 40  # stopped at once, nothing after the last good save
 
 
+def test_sigterm_writes_a_checkpoint_at_the_current_iteration_and_resume_continues(tmp_path):
+    """A session that ends (SIGTERM) or a user's Ctrl-C must not lose the steps since the last
+    checkpoint: the trainer finishes the step, checkpoints there, exits with 130, and resumes from it."""
+    import signal
+    import time
+
+    from train.trainer import Trainer, load_checkpoint
+
+    cfg = _tiny_config(tmp_path, _subset(tmp_path), iterations=100_000, checkpoint_every=100_000)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(cfg.model_dump_json(), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "train", "fit", str(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.csv"
+    deadline = time.monotonic() + 300
+    while (not log.is_file() or len(log.read_text(encoding="utf-8").splitlines()) < 4) and proc.poll() is None:
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped by SIGTERM" in err and "resume with --resume" in err
+    with open(log, encoding="utf-8") as f:
+        logged = [int(r["iteration"]) for r in csv.DictReader(f)]
+    saved = load_checkpoint(tmp_path / "run")[1]["iteration"]
+    assert saved == logged[-1] >= 3  # checkpointed at the step it stopped on, not at the last multiple
+    result = Trainer(cfg.model_copy(update={"iterations": saved + 2}), resume=True, log=lambda m: None).fit()
+    assert result["iteration"] == saved + 2
+
+
 def test_torn_checkpoint_pair_is_refused_not_resumed(tmp_path):
     """A session that ends between writing the weights and the state must not resume a mixed pair."""
     from train.trainer import CHECKPOINT_STATE, Trainer, load_checkpoint

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from SRCSMSegmenterLib.errors import SRCSMError
+from SRCSMSegmenterLib.errors import CancelledError, SRCSMError
 
 
 def _parse_override(items: list[str]) -> dict:
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 entries[key] = Path(folder)
             print(write_card_metrics(entries, Path(args.out), args.note))
             return 0
+    except CancelledError as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 130
     except SRCSMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

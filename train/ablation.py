@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from SRCSMSegmenterLib.errors import CancelledError, SRCSMError
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "docs" / "ablation-results"
@@ -530,7 +532,14 @@ def main(argv: list[str] | None = None) -> int:
         for run in plan():
             if args.only and run.name not in args.only:
                 continue
-            done = advance(run, args.time_limit, args.device)
+            try:
+                done = advance(run, args.time_limit, args.device)
+            except CancelledError as exc:
+                print(f"{run.name}: stopped: {exc}", file=sys.stderr, flush=True)
+                return 130
+            except SRCSMError as exc:
+                print(f"{run.name}: error: {exc}", file=sys.stderr, flush=True)
+                return 2
             rec = result(run)
             iteration = rec["iterations"] if rec else _iteration(run.run_dir)
             print(f"{run.name}: {'complete' if done else 'in progress'} (iteration {iteration})", flush=True)

@@ -12,11 +12,14 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from SRCSMSegmenterLib.device import autocast, memory_format, resolve_device, resolve_precision
-from SRCSMSegmenterLib.errors import SRCSMError
+from SRCSMSegmenterLib.errors import CancelledError, SRCSMError
 from SRCSMSegmenterLib.normalization import default_normalization, normalize_tensor
 from SRCSMSegmenterLib.network import build_network
 
@@ -216,6 +219,30 @@ def validation_collapsed(best: float, current: float) -> bool:
     everywhere, vanishing gradient — and a run does not recover from that (seen: CT→MR RandConv at
     iteration ≈ 3 090). One rule for the trainer's warning and the ablation's records."""
     return best >= 0.3 and current < best / 2
+
+
+@contextmanager
+def stop_requests(enabled: bool = True) -> Iterator[list[str]]:
+    """Turn SIGINT (Ctrl-C) and SIGTERM into a request to stop *after the current step*, so the trainer
+    can write a checkpoint at that iteration instead of losing the steps since the last one. Yields a list
+    that receives the signal's name. Only in the main thread of a single process (``enabled``): with
+    several DDP ranks a rank that stops alone would leave the others waiting in a collective."""
+    requested: list[str] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if requested:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        requested.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Trainer:
@@ -465,6 +492,24 @@ class Trainer:
 
             bar = tqdm(total=end, initial=self.iteration, desc=f"{cfg.model.id} [{cfg.augmentation}]",
                        dynamic_ncols=True, file=sys.stderr, disable=None)
+        try:
+            with stop_requests(self.dist.world == 1) as stop:
+                self._loop(end, time_limit_s, writer, csv_path, bar, stop)
+        finally:
+            if bar:
+                bar.close()
+            if writer:
+                writer.close()
+        if stop:
+            raise CancelledError(f"training stopped by {stop[0]} at iteration {self.iteration}; its checkpoint is "
+                                 f"written: resume with --resume")
+        if self.dist.world > 1:
+            dist.barrier()
+        return {"iteration": self.iteration, "history": self.history}
+
+    def _loop(self, end: int, time_limit_s: float | None, writer: Any, csv_path: Path, bar: Any,
+              stop: list[str]) -> None:
+        cfg = self.cfg
         start = time.monotonic()
         t_last = time.monotonic()
         running: dict[str, float] = {}
@@ -515,18 +560,14 @@ class Trainer:
                         if k != "iteration" and isinstance(v, float) and math.isfinite(v):
                             writer.add_scalar(k, v, self.iteration)
             timed_out = time_limit_s is not None and time.monotonic() - start > time_limit_s
-            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == end or timed_out:
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == end or timed_out or stop:
                 self.checkpoint()
             if timed_out:
                 self.log(f"time limit reached at iteration {self.iteration}; resume with --resume")
                 break
-        if bar:
-            bar.close()
-        if writer:
-            writer.close()
-        if self.dist.world > 1:
-            dist.barrier()
-        return {"iteration": self.iteration, "history": self.history}
+            if stop:
+                self.log(f"{stop[0]}: checkpoint written at iteration {self.iteration}; resume with --resume")
+                break
 
 
 def _truncate_csv(path: Path, iteration: int) -> int:
