@@ -340,16 +340,31 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     # a run stopped mid-way (a session ended) says where it resumes
     runs[2].run_dir.mkdir(parents=True)
     (runs[2].run_dir / "checkpoint.json").write_text('{"iteration": 600}', encoding="utf-8")
+    # a run that diverged is abandoned with a reason; the table states it with where training stood
+    runs[3].run_dir.mkdir(parents=True)
+    (runs[3].run_dir / "checkpoint.json").write_text('{"iteration": 1015}', encoding="utf-8")
+    (runs[3].run_dir / "log.csv").write_text(
+        "iteration,loss,grad_norm,val_dice_mean\n100,0.98,0.03,\n200,0.95,0.05,\n1000,0.81,2.9e12,0.004\n"
+        "1010,0.85,3.1e12,\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="give the reason"):
+        ablation.abandon(runs[3], " ")
+    ablation.abandon(runs[3], "diverged")
+    with pytest.raises(ValueError, match="already records the cell"):
+        ablation.abandon(runs[3], "diverged")
+    assert ablation.advance(runs[3], None, "cpu")  # the plan no longer trains it
     text = ablation.table(tmp_path / "ablation.md").read_text(encoding="utf-8")
     assert (f"| ct2mr | {runs[2].label} | 4000 | 600 | not finished (training, resumes from its checkpoint at "
             f"iteration 600) |") in text
-    assert text.count("not finished (not started)") == len(runs) - 4
+    assert (f"| ct2mr | {runs[3].label} | 4000 | 1015 | not measured: diverged (training stopped: validation "
+            f"mean Dice 0.004 at iteration 1000; gradient norm 0.04 (median of iterations ≤ 200), 3.1e+12 at "
+            f"iteration 1010; loss 0.850 at iteration 1010) |") in text
+    assert text.count("not finished (not started)") == len(runs) - 5
     assert "| ct2mr | none | 4000 | 4000 | 0.500 | 0.250 | 7.25 | 9.00 | trained by the plan |" in text
     assert "| ct2mr | src | 4000 | 4000 | 0.625 | 0.375 | 7.25 | 9.00 | zoo package `zoo-ct` 0.1.0 (1) |" in text
     assert "1. ct2mr-src: from the zoo" in text
     assert "**ct2mr**: src with SM (20 cases), mean 0.625: liver 0.750, spleen 0.250" in text
     assert "SLAug (AAAI 2023, 2D) 88.6" in text
-    assert text.count("not finished") == len(runs) - 3
+    assert text.count("not finished") == len(runs) - 4
     assert text.count("not measurable") == 1  # LGE has no training split: no in-domain LGE reference
     png = tmp_path / "ablation.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(ablation.png)" in text
@@ -367,6 +382,10 @@ def test_committed_ablation_records_are_cells_of_the_plan():
         rec = json.loads(f.read_text(encoding="utf-8"))
         run = ablation.find(rec["cell"])
         assert f.name == f"{run.name}.json" and ablation._unavailable(run) is None
+        if rec["summary"] is None:  # not measured: a stated reason and where its training stood
+            assert rec["provenance"]["kind"] == "not measured" and rec["provenance"]["reason"], f.name
+            assert "at iteration" in rec["provenance"]["training"] and 0 < rec["iterations"] < run.iterations
+            continue
         assert rec["budget"] == rec["iterations"] == run.iterations, f.name
         assert rec["provenance"]["kind"] in ("trained by the plan", "adopted run", "adopted package", "recovered")
         summary = rec["summary"]

@@ -11,6 +11,10 @@
 ``python -m train.ablation adopt-package NAME PACKAGE``
                                       the same for an exported model package (its card carries the training
                                       configuration and iteration), then evaluates it as the cell;
+``python -m train.ablation abandon NAME --reason TEXT``
+                                      records that a cell is not measured and why (e.g. its training
+                                      diverged), with where its training stood, so the table states the
+                                      reason; removing the record puts the cell back in the plan;
 ``python -m train.ablation table``    collects every recorded result into ``docs/ablation.md`` (mean
                                       Dice and ASSD with and without SM, per-organ Dice of the best
                                       cross-domain setting, published references) and ``docs/ablation.png``.
@@ -180,8 +184,9 @@ def _unavailable(run: Run) -> str | None:
     return None
 
 
-def record(run: Run, summary: dict, iterations: int, provenance: dict[str, Any]) -> Path:
-    """Write the cell's committed record (atomically): its evaluation summary and where it came from."""
+def record(run: Run, summary: dict | None, iterations: int, provenance: dict[str, Any]) -> Path:
+    """Write the cell's committed record (atomically): its evaluation summary (None: not measured, see
+    :func:`abandon`) and where it came from."""
     data = {"cell": run.name, "protocol": run.protocol.name, "method": run.method, "in_domain": run.in_domain,
             "budget": run.iterations, "iterations": iterations,
             "recorded": datetime.date.today().isoformat(), "provenance": provenance, "summary": summary}
@@ -195,6 +200,44 @@ def record(run: Run, summary: dict, iterations: int, provenance: dict[str, Any])
 def result(run: Run) -> dict | None:
     """The cell's committed record, or None while it is not finished."""
     return json.loads(run.result_file.read_text(encoding="utf-8")) if run.result_file.is_file() else None
+
+
+def training_facts(log_csv: Path, early: int = 200) -> str:
+    """What a run's log says about its state, for a cell stopped before its budget: the last validation
+    mean Dice and the gradient norm's rise (last logged vs the median of the first ``early`` iterations)."""
+    import csv
+    import statistics
+
+    if not log_csv.is_file():
+        return "no training log"
+    with open(log_csv, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    parts = []
+    val = [(int(r["iteration"]), float(r["val_dice_mean"])) for r in rows if r.get("val_dice_mean")]
+    if val:
+        parts.append(f"validation mean Dice {val[-1][1]:.3f} at iteration {val[-1][0]}")
+    norms = [(int(r["iteration"]), float(r["grad_norm"])) for r in rows if r.get("grad_norm")]
+    first = [n for it, n in norms if it <= early]
+    if first and norms:
+        parts.append(f"gradient norm {statistics.median(first):.3g} (median of iterations ≤ {early}), "
+                     f"{norms[-1][1]:.3g} at iteration {norms[-1][0]}")
+    losses = [(int(r["iteration"]), float(r["loss"])) for r in rows if r.get("loss")]
+    if losses:
+        parts.append(f"loss {losses[-1][1]:.3f} at iteration {losses[-1][0]}")
+    return "; ".join(parts) or "nothing logged"
+
+
+def abandon(run: Run, reason: str) -> Path:
+    """Record that the cell is not measured, why, and where its training stood (from its log); the plan
+    then skips it. For a run that cannot give a meaningful number at its budget (it diverged), so that
+    the table states a reason instead of showing a cell as unfinished. Remove the record to train it."""
+    if not reason.strip():
+        raise ValueError("give the reason the cell is not measured (--reason)")
+    if result(run) is not None:
+        raise ValueError(f"{run.result_file} already records the cell {run.name}; remove it first to replace it")
+    return record(run, None, _iteration(run.run_dir),
+                  {"kind": "not measured", "reason": reason.strip(),
+                   "training": training_facts(run.run_dir / "log.csv")})
 
 
 def twin(run: Run) -> Run | None:
@@ -436,6 +479,9 @@ def table(out_md: Path = REPO / "docs" / "ablation.md", figure: bool = True) -> 
             state = (f"training, resumes from its checkpoint at iteration {iteration}" if iteration
                      else "not started")
             lines.append(f"{head} not finished ({state}) | | | | |")
+        elif rec["summary"] is None:
+            prov = rec["provenance"]
+            lines.append(f"{head} not measured: {prov['reason']} (training stopped: {prov['training']}) | | | | |")
         else:
             s = rec["summary"]
             results.setdefault(run.protocol.name, []).append((run, s))
@@ -520,11 +566,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("package", help="a model package (folder or .zip) exported from a run with the cell's "
                                     "settings and budget")
     ap.add_argument("--device", default="auto")
+    ab = sub.add_parser("abandon")
+    ab.add_argument("name", help="the cell, e.g. bssfp2lge-randconv (see plan)")
+    ab.add_argument("--reason", required=True, help="why the cell is not measured (goes into the table)")
     sub.add_parser("table")
     args = p.parse_args(argv)
     if args.command == "plan":
         for run in plan():
-            state = (_unavailable(run) and "not measurable" or result(run) and "recorded"
+            rec = result(run)
+            state = (_unavailable(run) and "not measurable"
+                     or rec and ("recorded" if rec["summary"] is not None else "not measured (abandoned)")
                      or f"iteration {_iteration(run.run_dir)}")
             print(f"{run.name:<24} {run.recipe:<28} {run.method:<13} budget {run.iterations:<6} {state}")
         return 0
@@ -542,11 +593,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             rec = result(run)
             iteration = rec["iterations"] if rec else _iteration(run.run_dir)
-            print(f"{run.name}: {'complete' if done else 'in progress'} (iteration {iteration})", flush=True)
+            state = ("not measured (abandoned)" if rec and rec["summary"] is None
+                     else "complete" if done else "in progress")
+            print(f"{run.name}: {state} (iteration {iteration})", flush=True)
         return 0
-    if args.command in ("adopt", "adopt-package"):
+    if args.command in ("adopt", "adopt-package", "abandon"):
         try:
-            if args.command == "adopt":
+            if args.command == "abandon":
+                print(f"recorded {args.name} as not measured: {abandon(find(args.name), args.reason)}")
+            elif args.command == "adopt":
                 print(f"adopted as {args.name}: {adopt(find(args.name), Path(args.run_dir))}")
             else:
                 print(f"recorded {args.name}: {adopt_package(find(args.name), args.package, args.device)}")
