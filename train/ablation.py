@@ -37,6 +37,7 @@ serves both (:func:`twin`).
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -202,16 +203,22 @@ def result(run: Run) -> dict | None:
     return json.loads(run.result_file.read_text(encoding="utf-8")) if run.result_file.is_file() else None
 
 
+def _log_rows(log_csv: Path) -> list[dict[str, str]] | None:
+    """The rows of a run's ``log.csv`` (None if there is none)."""
+    if not log_csv.is_file():
+        return None
+    with open(log_csv, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def training_facts(log_csv: Path, early: int = 200) -> str:
     """What a run's log says about its state, for a cell stopped before its budget: the last validation
     mean Dice and the gradient norm's rise (last logged vs the median of the first ``early`` iterations)."""
-    import csv
     import statistics
 
-    if not log_csv.is_file():
+    rows = _log_rows(log_csv)
+    if rows is None:
         return "no training log"
-    with open(log_csv, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
     parts = []
     val = [(int(r["iteration"]), float(r["val_dice_mean"])) for r in rows if r.get("val_dice_mean")]
     if val:
@@ -309,14 +316,11 @@ def training_collapse(log_csv: Path, loss_level: float = 0.9, failed_dice: float
     logged iteration from which the loss stayed there (the generalised Dice loss saturates at 1 when the
     network predicts one class everywhere and its gradient vanishes), so a table never shows such a
     model's number as what the method can do."""
-    import csv
-
     from .trainer import validation_collapsed
 
-    if not log_csv.is_file():
+    rows = _log_rows(log_csv)
+    if rows is None:
         return None
-    with open(log_csv, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
     val = [(int(r["iteration"]), float(r["val_dice_mean"])) for r in rows if r.get("val_dice_mean")]
     if not val:
         return None
@@ -346,12 +350,7 @@ def skipped_steps(log_csv: Path, threshold: float = 0.01) -> str | None:
 
     A skipped step (non-finite loss or gradient) advances the iteration count without training, so such
     a cell had fewer updates than its budget says. Counted from the log's per-window ``skipped`` means."""
-    import csv
-
-    if not log_csv.is_file():
-        return None
-    with open(log_csv, encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("skipped")]
+    rows = [r for r in _log_rows(log_csv) or [] if r.get("skipped")]
     skipped, previous = 0.0, 0
     for r in rows:
         iteration = int(r["iteration"])
