@@ -582,15 +582,20 @@ def _truncate_csv(path: Path, iteration: int) -> int:
     kept = [r for r in rows if int(r["iteration"]) <= iteration]
     if len(kept) == len(rows):
         return 0
+    _rewrite_csv(path, fields, kept)
+    return len(rows) - len(kept)
+
+
+def _rewrite_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` under header ``fields`` to a temporary beside ``path``, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerows(kept)
+        w.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return len(rows) - len(kept)
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
@@ -606,11 +611,4 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
         with open(path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=fields).writerow(row)
         return
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=new_fields)
-        w.writeheader()
-        for r in existing:
-            w.writerow(r)
-        w.writerow(row)
-    os.replace(tmp, path)
+    _rewrite_csv(path, new_fields, existing + [row])
