@@ -370,6 +370,21 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(ablation.png)" in text
 
 
+def test_reseeded_cells_train_with_their_own_seed():
+    """A cell rerun after a collapsed first attempt trains with its own seed, everything else being the
+    protocol's recipe; every other cell keeps the recipe's seed (equal settings within a protocol)."""
+    from train import ablation
+
+    assert ablation.RESEEDED, "the reseeded cells are listed"
+    for name, (seed, why) in ablation.RESEEDED.items():
+        run = ablation.find(name)
+        cfg, twin = run.config("cpu"), ablation.find(f"{run.protocol.name}-src").config("cpu")
+        assert cfg.seed == seed != twin.seed and "collapsed" in why
+        assert cfg.model_dump(exclude={"seed", "augmentation", "output_dir", "model"}) == \
+            twin.model_dump(exclude={"seed", "augmentation", "output_dir", "model"})
+    assert ablation._source_text({"kind": "trained by the plan", "seed": 1}) == "trained by the plan, seed 1"
+
+
 def test_committed_ablation_records_are_cells_of_the_plan():
     """Every committed record (docs/ablation-results) is a measurable cell of the plan at its budget, with
     both SM settings measured on the protocol's whole test set and a stated provenance."""
@@ -414,7 +429,9 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
                       iterations=4, val_every=4, checkpoint_every=4, log_every=1, num_threads=2,
                       cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "runs" / cell.name))
     monkeypatch.setattr(ablation.Run, "config",
-                        lambda self, device="auto": cfg.model_copy(update={"device": device, "augmentation": self.method}))
+                        lambda self, device="auto": cfg.model_copy(update={
+                            "device": device, "augmentation": self.method, "seed": self.overrides().get("seed", 0),
+                            "output_dir": str(self.run_dir)}))
     monkeypatch.setattr(ablation.Run, "iterations", property(lambda self: 4))
     monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "runs" / self.name))
     monkeypatch.setattr(ablation.Run, "eval_dir", property(lambda self: tmp_path / "eval" / self.name))
@@ -425,10 +442,22 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
     assert ablation.advance(cell, None, "cpu")
     rec = ablation.result(cell)
     assert rec["iterations"] == rec["budget"] == 4 and rec["provenance"]["kind"] == "trained by the plan"
+    assert "seed" not in rec["provenance"]
     assert rec["summary"]["cases"] == 1 and set(rec["summary"]["settings"]) == {"with SM", "without SM"}
     stamp = (cell.run_dir / "checkpoint.safetensors").stat().st_mtime_ns
     assert ablation.advance(cell, None, "cpu")  # recorded: nothing is retrained
     assert (cell.run_dir / "checkpoint.safetensors").stat().st_mtime_ns == stamp
+
+    # an evaluation of other weights (left by an earlier model of the cell) is never recorded for this one
+    summary_file = cell.eval_dir / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    sha = load_package(cell.package_dir).card.weights.sha256
+    assert summary["weights_sha256"] == rec["summary"]["weights_sha256"] == sha
+    summary_file.write_text(json.dumps(dict(summary, weights_sha256="0" * 64, cases=99)), encoding="utf-8")
+    cell.result_file.unlink()
+    assert ablation.advance(cell, None, "cpu")
+    assert ablation.result(cell)["summary"]["cases"] == 1
+    assert json.loads(summary_file.read_text(encoding="utf-8"))["weights_sha256"] == sha
 
     twin = ablation.find("mr2ct-indomain")  # the same model (here: same tiny config), another test set
     assert ablation.twin(cell).name == twin.name and ablation.twin(twin).name == cell.name
@@ -448,6 +477,15 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
     rec = json.loads(path.read_text(encoding="utf-8"))
     assert rec["provenance"]["kind"] == "adopted package" and rec["provenance"]["package"] == "ablation-ct2mr-src"
     assert rec["summary"]["cases"] == 1
+
+    # a cell whose first attempt collapsed trains with its own seed, and its record says why
+    reseeded = ablation.find("ct2mr-randconv")
+    seed, why = ablation.RESEEDED[reseeded.name]
+    assert ablation.advance(reseeded, None, "cpu")
+    assert json.loads((reseeded.run_dir / "config.json").read_text(encoding="utf-8"))["seed"] == seed
+    rec = ablation.result(reseeded)
+    assert rec["provenance"]["seed"] == seed and f"trained with seed {seed}: {why}." in rec["provenance"]["note"]
+    assert f"{reseeded.name}: " in ablation.table(tmp_path / "ablation.md", figure=False).read_text(encoding="utf-8")
 
 
 def test_bundled_packages_stand_in_only_for_their_own_cells():

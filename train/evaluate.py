@@ -97,7 +97,8 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
              f"{package.card.provenance.iterations} iterations); target modality {dataset.modality}; "
              f"{len(cases)} cases; whole-volume sliding window (no landmark ROI); device {segmenter.device}.")
     write_reports(rows, out, settings=settings, title=title, case_loader=case_loader, colors=colors, notes=notes)
-    summary = {"model": package.id, "dataset": dataset.name, "split": split, "cases": len(cases),
+    summary = {"model": package.id, "weights_sha256": package.card.weights.sha256, "dataset": dataset.name,
+               "split": split, "cases": len(cases),
                "mean_seconds_per_case": float(np.mean(seconds)) if seconds else None, "settings": {}}
     for row in summarize(rows, settings):
         entry = summary["settings"].setdefault(row["setting"], {})
