@@ -650,6 +650,74 @@ def test_a_run_with_skipped_steps_says_how_many_updates_it_had(tmp_path):
     assert skipped_steps(tmp_path / "missing.csv") is None
 
 
+def test_trainer_says_when_a_learned_run_falls_dead_and_when_it_recovers():
+    """Loss at the GDL ceiling with a vanishing gradient (one class everywhere) for most of 50 steps is a
+    dead episode, said once when it starts and once when it ends (CT→MR global RCNet recovered from one
+    after ≈ 270 iterations, so it is a warning, not a stop); an untrained network sitting at the same
+    loss is not dead, and neither are single bad steps of a learned run."""
+    from train.trainer import DeadEpisodeMonitor
+
+    said: list[tuple[int, str]] = []
+    monitor = DeadEpisodeMonitor()
+    steps = [(0.97, 0.02)] * 100  # untrained: at the ceiling with a small gradient, not an episode
+    steps += [(0.5, 1.5)] * 100 + [(0.996, 0.003), (0.4, 2.0)] * 25  # learned; every other step bad: not dead
+    steps += [(0.4, 2.0)] * 10 + [(0.997, 0.001)] * 45 + [(0.997, 4.6)] + [(0.965, 1e-4)] * 100  # falls dead
+    steps += [(0.6, 8.0)] * 50 + [(0.3, 1.2)] * 50  # recovers
+    for it, (loss, norm) in enumerate(steps, start=1):
+        message = monitor.update(it, loss, norm)
+        if message:
+            said.append((it, message))
+    assert [it for it, _ in said] == [305, 451]
+    assert said[0][1].startswith("WARNING: training looks dead since iteration 261:") and "gdl_ce" in said[0][1]
+    assert said[1][1] == "training recovered by iteration 451 from the dead episode that began at iteration 261"
+    assert DeadEpisodeMonitor().update(1, float("nan"), 0.0) is None
+
+
+def test_the_training_loop_warns_of_a_dead_episode_and_logs_it(tmp_path, monkeypatch):
+    """The loop feeds every step to the monitor: the warning reaches the run's log and ``log.csv`` gets a
+    ``dead`` column (share of the window's steps inside an episode). Steps are scripted: learned, then dead."""
+    from train.trainer import Trainer
+
+    script = iter([(0.4, 1.0)] * 60 + [(0.997, 0.001)] * 60)
+
+    def scripted_step(self) -> dict[str, float]:
+        gdl, norm = next(script)
+        return {"loss": gdl, "gdl": gdl, "grad_norm": norm, "skipped": 0.0}
+
+    monkeypatch.setattr(Trainer, "step", scripted_step)
+    said: list[str] = []
+    Trainer(_tiny_config(tmp_path, _subset(tmp_path), iterations=120, log_every=10, checkpoint_every=60),
+            log=said.append).fit()
+    assert [m for m in said if "looks dead" in m] == [m for m in said if "since iteration 61:" in m] != []
+    with open(tmp_path / "run" / "log.csv", encoding="utf-8") as f:
+        dead = {int(r["iteration"]): float(r["dead"]) for r in csv.DictReader(f)}
+    assert all(dead[it] == 0.0 for it in range(10, 101, 10)) and dead[110] == pytest.approx(0.6) and dead[120] == 1.0
+
+
+def test_a_run_that_fell_dead_and_recovered_says_so_in_its_record(tmp_path):
+    """Dead episodes are read back from a run's log (window means of loss and gradient norm): a recovered
+    one is noted in the cell's record, one that lasts to the end is left to the collapse note."""
+    from train.ablation import dead_episodes, recovered_episodes
+
+    def log(rows: list[tuple[float, float]]) -> Path:
+        f = tmp_path / f"log{len(list(tmp_path.iterdir()))}.csv"
+        lines = ["iteration,s_per_it,loss,gdl,grad_norm,skipped"]
+        lines += [f"{10 * (i + 1)},1.0,{gdl + 0.002},{gdl},{norm},0.0" for i, (gdl, norm) in enumerate(rows)]
+        f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return f
+
+    start = [(0.97, 0.04)] * 10 + [(0.6, 1.5)] * 10  # an untrained start is not an episode
+    dead = [(0.9974, 7e-5)] * 10 + [(0.9975, 0.017)] + [(0.9913, 1.7)] + [(0.9989, 7e-5)] * 3  # a spike inside
+    recovered = log(start + dead + [(0.78, 14.7), (0.39, 2.2)] + [(0.25, 1.8)] * 10)
+    assert dead_episodes(recovered) == [(210, 350)]
+    assert recovered_episodes(recovered) == ("the loss sat at its ceiling with a vanishing gradient (one class "
+                                             "everywhere) in iterations 210–350, and training recovered from it.")
+    still = log(start + dead + [(0.965, 1e-4)] * 20)
+    assert dead_episodes(still) == [(210, None)] and recovered_episodes(still) is None
+    blips = log(start + ([(0.998, 0.001)] + [(0.3, 1.0)] * 7) * 5)  # isolated bad windows are no episode
+    assert dead_episodes(blips) == [] and dead_episodes(tmp_path / "missing.csv") == []
+
+
 def test_trainer_warns_when_validation_collapses():
     import types
 

@@ -315,7 +315,8 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
     adopted = run.run_dir / "adopted_from.json"
     provenance = {"kind": "adopted run" if adopted.is_file() else "trained by the plan", "weights": "ema",
                   "weights_dtype": "float32", "device": device}
-    notes = [n for n in (training_collapse(run.run_dir / "log.csv"), skipped_steps(run.run_dir / "log.csv")) if n]
+    log_csv = run.run_dir / "log.csv"
+    notes = [n for n in (training_collapse(log_csv), recovered_episodes(log_csv), skipped_steps(log_csv)) if n]
     if run.name in RESEEDED:
         provenance["seed"] = cfg.seed
         notes.append(f"trained with seed {cfg.seed}: {RESEEDED[run.name][1]}.")
@@ -364,6 +365,47 @@ def training_collapse(log_csv: Path, loss_level: float = 0.9, failed_dice: float
                 f"{best_it}){where}. The number measures a model that did not learn, not what the method can "
                 f"do at this budget.")
     return None
+
+
+def dead_episodes(log_csv: Path, min_rows: int = 3, max_gap: int = 5) -> list[tuple[int, int | None]]:
+    """``(first, last)`` iterations of each stretch where a learned run sat dead — the loss at its ceiling
+    with a vanishing gradient (:func:`train.trainer.looks_dead` on the logged window means) — for at least
+    ``min_rows`` logged windows, merging stretches fewer than ``max_gap`` healthy windows apart; ``last``
+    is None when the run was still dead at its last logged window."""
+    from .trainer import LEARNED_LOSS, looks_dead
+
+    rows = [r for r in _log_rows(log_csv) or [] if r.get("gdl") and r.get("grad_norm")]
+    learned, flagged = False, []
+    for r in rows:
+        loss, norm = float(r["gdl"]), float(r["grad_norm"])
+        flagged.append(learned and looks_dead(loss, norm))
+        learned = learned or loss <= LEARNED_LOSS
+    episodes: list[tuple[int, int | None]] = []
+    i = 0
+    while i < len(rows):
+        if not flagged[i]:
+            i += 1
+            continue
+        j = last = i
+        while j < len(rows) and (flagged[j] or any(flagged[j:j + max_gap])):
+            last = j if flagged[j] else last
+            j += 1
+        if sum(flagged[i:last + 1]) >= min_rows:
+            end = None if last == len(rows) - 1 else int(rows[last]["iteration"])
+            episodes.append((int(rows[i]["iteration"]), end))
+        i = j
+    return episodes
+
+
+def recovered_episodes(log_csv: Path) -> str | None:
+    """A sentence naming the dead episodes a run recovered from (those it did not recover from make it
+    collapsed or failed: :func:`training_collapse`), or None."""
+    recovered = [(a, b) for a, b in dead_episodes(log_csv) if b is not None]
+    if not recovered:
+        return None
+    spans = ", ".join(f"{a}–{b}" for a, b in recovered)
+    return (f"the loss sat at its ceiling with a vanishing gradient (one class everywhere) in iterations {spans}, "
+            f"and training recovered from it.")
 
 
 def skipped_steps(log_csv: Path, threshold: float = 0.01) -> str | None:

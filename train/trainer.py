@@ -49,6 +49,65 @@ class TrainingStalledError(SRCSMError):
     """Training steps keep failing (non-finite loss or gradients), so the weights no longer change."""
 
 
+# ------------------------------------------------------------------------------ dead episodes
+#: A step *looks dead* when its segmentation loss sits at the generalised Dice loss's ceiling with a
+#: vanishing gradient: the network predicts one class everywhere and the saturated softmax passes no
+#: gradient back. Healthy runs never do this once they have learned (checked on every ablation log);
+#: collapsed ones sit at ≈ 0.997 with gradient norms of 10⁻⁴–10⁻².
+DEAD_LOSS = 0.95
+DEAD_GRAD_NORM = 0.05
+#: An untrained network starts at the ceiling too: only a run whose mean loss over a window has been at
+#: or below this counts as having learned.
+LEARNED_LOSS = 0.9
+#: Steps watched; an episode starts when ≥ 90 % of them look dead and ends when ≤ 10 % do.
+DEAD_WINDOW = 50
+
+
+def looks_dead(seg_loss: float, grad_norm: float) -> bool:
+    """Whether a step (or a logged window mean) is at the loss ceiling with a vanishing gradient. One
+    definition for the trainer's warnings and the ablation's notes."""
+    return seg_loss >= DEAD_LOSS and grad_norm <= DEAD_GRAD_NORM
+
+
+class DeadEpisodeMonitor:
+    """Tells when a learned run falls dead (one class everywhere, vanishing gradient) and when it
+    recovers, so that a run of hours is not left to burn unnoticed — or stopped too early: runs have
+    recovered from such an episode (CT→MR global RCNet, after ≈ 270 iterations) and have not (CT→MR
+    RandConv, 910 iterations to the end of its budget), so this warns and never stops a run."""
+
+    def __init__(self, learned: bool = False, window: int = DEAD_WINDOW) -> None:
+        from collections import deque
+
+        self.learned = learned
+        self._losses: deque[float] = deque(maxlen=window)
+        self._dead: deque[bool] = deque(maxlen=window)
+        self.started: int | None = None  # first dead step of the current episode
+
+    def update(self, iteration: int, seg_loss: float, grad_norm: float) -> str | None:
+        """Feed one step; returns a message when an episode starts or ends."""
+        if not (math.isfinite(seg_loss) and math.isfinite(grad_norm)):
+            return None
+        self._losses.append(seg_loss)
+        full = len(self._losses) == self._losses.maxlen
+        if full and sum(self._losses) / len(self._losses) <= LEARNED_LOSS:
+            self.learned = True
+        self._dead.append(self.learned and looks_dead(seg_loss, grad_norm))
+        share = sum(self._dead) / self._dead.maxlen
+        if self.started is None and full and share >= 0.9:
+            self.started = iteration - len(self._dead) + 1 + self._dead.index(True)
+            return (f"WARNING: training looks dead since iteration {self.started}: {share:.0%} of the last "
+                    f"{self._dead.maxlen} steps had the loss at its ceiling (≥ {DEAD_LOSS}) with a gradient norm "
+                    f"≤ {DEAD_GRAD_NORM}, i.e. the network predicts one class everywhere. Runs have recovered "
+                    f"from this after a few hundred steps, and have not; if it lasts, restart with another "
+                    f"`seed` or use `loss: gdl_ce`, whose cross-entropy term keeps a gradient.")
+        if self.started is not None and share <= 0.1:
+            message = (f"training recovered by iteration {iteration} from the dead episode that began at "
+                       f"iteration {self.started}")
+            self.started = None
+            return message
+        return None
+
+
 # ----------------------------------------------------------------------------------- sampling
 class PatchSampler:
     """Random crops (larger than the patch, for spatial warping) with foreground oversampling.
@@ -216,8 +275,9 @@ def init_distributed(device_name: str) -> DistInfo:
 def validation_collapsed(best: float, current: float) -> bool:
     """Whether validation mean Dice ``current`` means the run collapsed: below half its ``best``, which
     was at least 0.3 (the run had learned). The generalised Dice loss can saturate — one class predicted
-    everywhere, vanishing gradient — and a run does not recover from that (seen: CT→MR RandConv at
-    iteration ≈ 3 090). One rule for the trainer's warning and the ablation's records."""
+    everywhere, vanishing gradient (:class:`DeadEpisodeMonitor`) — and a run validated while dead scores
+    near 0 (seen: CT→MR RandConv, dead from iteration ≈ 3 090 to its budget). One rule for the trainer's
+    warning and the ablation's records."""
     return best >= 0.3 and current < best / 2
 
 
@@ -516,6 +576,7 @@ class Trainer:
         n_running = 0
         consecutive_skips = 0
         last_skip_warning = -10 ** 9
+        dead = DeadEpisodeMonitor(learned=any(r.get("gdl", 1.0) <= LEARNED_LOSS for r in self.history))
         while self.iteration < end:
             stats = self.step()
             self.iteration += 1
@@ -528,6 +589,11 @@ class Trainer:
                     f"a checkpoint, so {self.out_dir / CHECKPOINT_STATE} still holds the last good state. "
                     f"Check the data for NaN/Inf voxels, lower the learning rate or use precision 'fp32' "
                     f"(fp16 can overflow), then resume with --resume.")
+            if "gdl" in stats and "grad_norm" in stats:
+                message = dead.update(self.iteration, stats["gdl"], stats["grad_norm"])
+                stats["dead"] = float(dead.started is not None)
+                if message and self.dist.main:
+                    self.log(message)
             for k, v in stats.items():
                 if math.isfinite(v):
                     running[k] = running.get(k, 0.0) + v
