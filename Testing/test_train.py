@@ -718,6 +718,51 @@ def test_a_run_that_fell_dead_and_recovered_says_so_in_its_record(tmp_path):
     assert dead_episodes(blips) == [] and dead_episodes(tmp_path / "missing.csv") == []
 
 
+def test_a_model_still_learning_at_its_budget_says_so(tmp_path):
+    """GIN-IPA on bSSFP validated 0.110, 0.195, 0.421 at 1000/2000/3000 while the other methods had
+    levelled off at 0.71–0.78: its cross-domain number is what it reaches at the budget, and says so."""
+    from train.ablation import still_learning
+
+    f = tmp_path / "log.csv"
+    f.write_text("iteration,loss,val_dice_mean\n1000,0.5,0.110\n1500,0.4,\n2000,0.3,0.195\n3000,0.3,0.421\n",
+                 encoding="utf-8")
+    assert still_learning(f) == ("still learning at its budget: validation mean Dice (source domain) 0.110 at "
+                                 "1000, 0.195 at 2000, 0.421 at 3000; the number is what the method reaches at "
+                                 "this budget, not what it can reach.")
+    f.write_text("iteration,loss,val_dice_mean\n2000,0.3,0.757\n3000,0.3,0.819\n", encoding="utf-8")
+    assert still_learning(f) is None  # levelling off (MR→CT GIN-IPA)
+    assert still_learning(tmp_path / "missing.csv") is None
+
+
+def test_recorded_notes_are_refreshed_from_run_logs_without_retraining(tmp_path, monkeypatch):
+    """``notes`` rewrites a plan-trained record's note from its run log (a note learned of after it was
+    recorded), keeps its numbers and date, and leaves records without a log, or not trained by the plan,
+    alone."""
+    from train import ablation
+
+    monkeypatch.setattr(ablation.Run, "run_dir", property(lambda self: tmp_path / "runs" / self.name))
+    monkeypatch.setattr(ablation.Run, "result_file", property(lambda self: tmp_path / "results" / f"{self.name}.json"))
+    cell, adopted, reseeded = (ablation.find(n) for n in ("bssfp2lge-gin_ipa", "bssfp2lge-src", "ct2mr-randconv"))
+    summary = {"cases": 40, "settings": {"with SM": {"mean": {"dice": 0.538, "assd": 32.0}}}}
+    for run, kind in ((cell, "trained by the plan"), (adopted, "adopted package"), (reseeded, "trained by the plan")):
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "config.json").write_text(json.dumps({"seed": 1 if run is reseeded else 0}), encoding="utf-8")
+        (run.run_dir / "log.csv").write_text("iteration,loss,val_dice_mean\n2000,0.3,0.195\n3000,0.3,0.421\n",
+                                             encoding="utf-8")
+        ablation.record(run, summary, 3000, {"kind": kind, "device": "cpu"}, recorded="2026-12-01")
+    assert ablation.main(["notes"]) == 0
+    rec = ablation.result(cell)
+    assert rec["provenance"]["note"].startswith("still learning at its budget") and rec["recorded"] == "2026-12-01"
+    assert rec["summary"] == summary and rec["iterations"] == 3000 and rec["provenance"]["device"] == "cpu"
+    assert "note" not in ablation.result(adopted)["provenance"]
+    assert ablation.result(reseeded)["provenance"]["note"].endswith(
+        f"trained with seed 1: {ablation.RESEEDED[reseeded.name][1]}.")
+    assert not ablation.refresh_notes(cell)  # nothing new to say
+    text = ablation.table(tmp_path / "ablation.md", figure=False).read_text(encoding="utf-8")
+    assert "bssfp2lge-gin_ipa: still learning at its budget" in text
+    assert f"not started; rerun with seed 1: {ablation.RESEEDED['ct2mr-gin_ipa'][1]}" in text
+
+
 def test_trainer_warns_when_validation_collapses():
     import types
 

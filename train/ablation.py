@@ -15,6 +15,8 @@
                                       records that a cell is not measured and why (e.g. its training
                                       diverged), with where its training stood, so the table states the
                                       reason; removing the record puts the cell back in the plan;
+``python -m train.ablation notes``    rewrites the notes of recorded cells from their run logs (when the
+                                      checkout still has them), without retraining or re-evaluating;
 ``python -m train.ablation table``    collects every recorded result into ``docs/ablation.md`` (mean
                                       Dice and ASSD with and without SM, per-organ Dice of the best
                                       cross-domain setting, published references) and ``docs/ablation.png``.
@@ -203,12 +205,13 @@ def _unavailable(run: Run) -> str | None:
     return None
 
 
-def record(run: Run, summary: dict | None, iterations: int, provenance: dict[str, Any]) -> Path:
+def record(run: Run, summary: dict | None, iterations: int, provenance: dict[str, Any],
+           recorded: str | None = None) -> Path:
     """Write the cell's committed record (atomically): its evaluation summary (None: not measured, see
-    :func:`abandon`) and where it came from."""
+    :func:`abandon`), where it came from and when it was recorded (default: today)."""
     data = {"cell": run.name, "protocol": run.protocol.name, "method": run.method, "in_domain": run.in_domain,
             "budget": run.iterations, "iterations": iterations,
-            "recorded": datetime.date.today().isoformat(), "provenance": provenance, "summary": summary}
+            "recorded": recorded or datetime.date.today().isoformat(), "provenance": provenance, "summary": summary}
     from SRCSMSegmenterLib.image import atomic_output
 
     with atomic_output(run.result_file) as tmp:
@@ -315,17 +318,58 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
     adopted = run.run_dir / "adopted_from.json"
     provenance = {"kind": "adopted run" if adopted.is_file() else "trained by the plan", "weights": "ema",
                   "weights_dtype": "float32", "device": device}
-    log_csv = run.run_dir / "log.csv"
-    notes = [n for n in (training_collapse(log_csv), recovered_episodes(log_csv), skipped_steps(log_csv)) if n]
     if run.name in RESEEDED:
         provenance["seed"] = cfg.seed
-        notes.append(f"trained with seed {cfg.seed}: {RESEEDED[run.name][1]}.")
-    if notes:
-        provenance["note"] = " ".join(notes)
+    note = training_notes(run, cfg.seed)
+    if note:
+        provenance["note"] = note
     if adopted.is_file():
         provenance["source"] = json.loads(adopted.read_text(encoding="utf-8"))["source"]
     record(run, summary, _iteration(run.run_dir), provenance)
     return True
+
+
+def training_notes(run: Run, seed: int) -> str | None:
+    """What a cell's record must say about how its model was trained, read from its run log: a collapse
+    or failure, dead episodes it recovered from, skipped steps, a model still learning at the budget,
+    and the seed of a rerun (:data:`RESEEDED`)."""
+    log_csv = run.run_dir / "log.csv"
+    notes = [n for n in (training_collapse(log_csv), recovered_episodes(log_csv), skipped_steps(log_csv),
+                         still_learning(log_csv)) if n]
+    if run.name in RESEEDED:
+        notes.append(f"trained with seed {seed}: {RESEEDED[run.name][1]}.")
+    return " ".join(notes) or None
+
+
+def refresh_notes(run: Run) -> bool:
+    """Rewrite the note of a recorded cell trained by the plan from its run log (kept in this checkout),
+    without retraining or re-evaluating: for records made before a note was known. True if it changed."""
+    rec = result(run)
+    prov = (rec or {}).get("provenance", {})
+    log_csv = run.run_dir / "log.csv"
+    if rec is None or rec["summary"] is None or prov.get("kind") != "trained by the plan" \
+            or prov.get("shared_with") or not log_csv.is_file():
+        return False
+    seed = json.loads((run.run_dir / "config.json").read_text(encoding="utf-8")).get("seed", 0)
+    note = training_notes(run, seed)
+    if note == prov.get("note"):
+        return False
+    provenance = {k: v for k, v in prov.items() if k != "note"} | ({"note": note} if note else {})
+    record(run, rec["summary"], rec["iterations"], provenance, recorded=rec.get("recorded"))
+    return True
+
+
+def still_learning(log_csv: Path, rise: float = 0.1) -> str | None:
+    """A sentence when the validation mean Dice rose by ``rise`` or more over the run's last validation
+    interval: the model was still learning its own domain at the budget, so its cross-domain number
+    says what the method reaches at this budget, not what it can reach. None otherwise."""
+    rows = _log_rows(log_csv) or []
+    val = [(int(r["iteration"]), float(r["val_dice_mean"])) for r in rows if r.get("val_dice_mean")]
+    if len(val) < 2 or val[-1][1] - val[-2][1] < rise:
+        return None
+    curve = ", ".join(f"{d:.3f} at {it}" for it, d in val)
+    return (f"still learning at its budget: validation mean Dice (source domain) {curve}; the number is what "
+            f"the method reaches at this budget, not what it can reach.")
 
 
 def training_collapse(log_csv: Path, loss_level: float = 0.9, failed_dice: float = 0.1) -> str | None:
@@ -553,6 +597,8 @@ def table(out_md: Path = REPO / "docs" / "ablation.md", figure: bool = True) -> 
         elif rec is None:
             state = (f"training, resumes from its checkpoint at iteration {iteration}" if iteration
                      else "not started")
+            if run.name in RESEEDED:
+                state += f"; rerun with seed {RESEEDED[run.name][0]}: {RESEEDED[run.name][1]}"
             lines.append(f"{head} not finished ({state}) | | | | |")
         elif rec["summary"] is None:
             prov = rec["provenance"]
@@ -646,8 +692,14 @@ def main(argv: list[str] | None = None) -> int:
     ab = sub.add_parser("abandon")
     ab.add_argument("name", help="the cell, e.g. bssfp2lge-randconv (see plan)")
     ab.add_argument("--reason", required=True, help="why the cell is not measured (goes into the table)")
+    sub.add_parser("notes", help="rewrite recorded cells' notes from their run logs in this checkout")
     sub.add_parser("table")
     args = p.parse_args(argv)
+    if args.command == "notes":
+        for run in plan():
+            if refresh_notes(run):
+                print(f"{run.name}: {result(run)['provenance'].get('note', 'note removed')}")
+        return 0
     if args.command == "plan":
         for run in plan():
             rec = result(run)
