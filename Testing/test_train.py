@@ -353,8 +353,9 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
         ablation.abandon(runs[3], "diverged")
     assert ablation.advance(runs[3], None, "cpu")  # the plan no longer trains it
     text = ablation.table(tmp_path / "ablation.md").read_text(encoding="utf-8")
+    seed, why = ablation.RESEEDED[runs[2].name]  # ct2mr-randconv: its rerun says why it is rerun
     assert (f"| ct2mr | {runs[2].label} | 4000 | 600 | not finished (training, resumes from its checkpoint at "
-            f"iteration 600) |") in text
+            f"iteration 600; rerun with seed {seed}: {why}) |") in text
     assert (f"| ct2mr | {runs[3].label} | 4000 | 1015 | not measured: diverged (training stopped: validation "
             f"mean Dice 0.004 at iteration 1000; gradient norm 0.04 (median of iterations ≤ 200), 3.1e+12 at "
             f"iteration 1010; loss 0.850 at iteration 1010) |") in text
