@@ -384,6 +384,8 @@ def test_reseeded_cells_train_with_their_own_seed():
         assert cfg.model_dump(exclude={"seed", "augmentation", "output_dir", "model"}) == \
             twin.model_dump(exclude={"seed", "augmentation", "output_dir", "model"})
     assert ablation._source_text({"kind": "trained by the plan", "seed": 1}) == "trained by the plan, seed 1"
+    assert ablation._source_text({"kind": "adopted package", "package": "p", "version": "0.1.0", "seed": 2}) == \
+        "zoo package `p` 0.1.0, seed 2"
 
 
 def test_committed_ablation_records_are_cells_of_the_plan():

@@ -640,13 +640,12 @@ def table(out_md: Path = REPO / "docs" / "ablation.md", figure: bool = True) -> 
 
 def _source_text(provenance: dict) -> str:
     kind = provenance.get("kind", "?")
-    if provenance.get("seed") is not None:
-        kind += f", seed {provenance['seed']}"
+    seed = f", seed {provenance['seed']}" if provenance.get("seed") is not None else ""
     if kind == "adopted package":
-        return f"zoo package `{provenance.get('package')}` {provenance.get('version')}"
+        return f"zoo package `{provenance.get('package')}` {provenance.get('version')}{seed}"
     if provenance.get("shared_with"):
-        return f"{kind}: the model of `{provenance['shared_with']}`"
-    return kind
+        return f"{kind}{seed}: the model of `{provenance['shared_with']}`"
+    return kind + seed
 
 
 def _figure(results: dict[str, list[tuple[Run, dict]]], path: Path) -> Path:
