@@ -667,7 +667,10 @@ def _figure(results: dict[str, list[tuple[Run, dict]]], path: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.set_title(f"{p.name} (budget {p.iterations} it)", fontsize=10)
         ax.set_ylabel("mean Dice")
-        ax.legend(fontsize=7, loc="lower right")
+    # one legend above the panels: inside an axes it hid the tallest bars (the in-domain references)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.98), ncol=len(labels), fontsize=8,
+               frameon=False)
     return _save(fig, path)
 
 
