@@ -697,6 +697,30 @@ def test_the_training_loop_warns_of_a_dead_episode_and_logs_it(tmp_path, monkeyp
     assert all(dead[it] == 0.0 for it in range(10, 101, 10)) and dead[110] == pytest.approx(0.6) and dead[120] == 1.0
 
 
+def test_a_resumed_run_keeps_its_dead_episode_window(tmp_path, monkeypatch):
+    """The monitor's window travels in the checkpoint: a run stopped while falling dead and resumed still
+    dates the episode to its first dead step (not to the resume, as a fresh window would), and a run
+    resumed inside an episode neither warns again nor logs itself alive."""
+    from train.trainer import Trainer
+
+    script = iter([(0.4, 1.0)] * 60 + [(0.997, 0.001)] * 140)
+
+    def scripted_step(self) -> dict[str, float]:
+        gdl, norm = next(script)
+        return {"loss": gdl, "gdl": gdl, "grad_norm": norm, "skipped": 0.0}
+
+    monkeypatch.setattr(Trainer, "step", scripted_step)
+    cfg = _tiny_config(tmp_path, _subset(tmp_path), iterations=200, log_every=10, checkpoint_every=1000)
+    said: list[str] = []
+    for until in (100, 130, 200):  # three sessions; the episode starts at 61 and is noticed at 105
+        Trainer(cfg, resume=True, log=said.append).fit(until_iteration=until)
+    assert [m for m in said if "looks dead" in m] == [m for m in said if "since iteration 61:" in m]
+    assert len([m for m in said if "looks dead" in m]) == 1
+    with open(tmp_path / "run" / "log.csv", encoding="utf-8") as f:
+        dead = {int(r["iteration"]): float(r["dead"]) for r in csv.DictReader(f)}
+    assert dead[100] == 0.0 and dead[110] == pytest.approx(0.6) and all(dead[it] == 1.0 for it in range(120, 201, 10))
+
+
 def test_a_run_that_fell_dead_and_recovered_says_so_in_its_record(tmp_path):
     """Dead episodes are read back from a run's log (window means of loss and gradient norm): a recovered
     one is noted in the cell's record, one that lasts to the end is left to the collapse note."""

@@ -83,6 +83,23 @@ class DeadEpisodeMonitor:
         self._dead: deque[bool] = deque(maxlen=window)
         self.started: int | None = None  # first dead step of the current episode
 
+    def state_dict(self) -> dict[str, Any]:
+        """The window and the episode in progress, for the checkpoint: a resumed run then goes on with the
+        same window instead of an empty one (which would date an episode ongoing at the checkpoint to the
+        resume and keep quiet about it for a whole window)."""
+        return {"learned": self.learned, "started": self.started, "window": self._losses.maxlen,
+                "losses": list(self._losses), "dead": list(self._dead)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (a window of another length keeps its latest steps)."""
+        self.learned = bool(state.get("learned", self.learned))
+        started = state.get("started")
+        self.started = None if started is None else int(started)
+        self._losses.clear()
+        self._dead.clear()
+        self._losses.extend(float(v) for v in state.get("losses", []))
+        self._dead.extend(bool(v) for v in state.get("dead", []))
+
     def update(self, iteration: int, seg_loss: float, grad_norm: float) -> str | None:
         """Feed one step; returns a message when an episode starts or ends."""
         if not (math.isfinite(seg_loss) and math.isfinite(grad_norm)):
@@ -367,6 +384,7 @@ class Trainer:
         self.rng = np.random.default_rng([cfg.seed, self.dist.rank])
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.dist.rank + 1)
         self.history: list[dict[str, Any]] = []
+        self.dead_monitor = DeadEpisodeMonitor()
         if self.resume and (self.out_dir / CHECKPOINT_WEIGHTS).is_file():
             self._restore()
 
@@ -384,6 +402,10 @@ class Trainer:
         if gen_state is not None:
             self.gen.set_state(gen_state)
         self.history = state.get("history", [])
+        if "dead_monitor" in state:
+            self.dead_monitor.load_state_dict(state["dead_monitor"])
+        else:  # a checkpoint from before the monitor was saved: at least remember that the run had learned
+            self.dead_monitor.learned = any(r.get("gdl", 1.0) <= LEARNED_LOSS for r in self.history)
         if self.dist.main:
             dropped = _truncate_csv(self.out_dir / "log.csv", self.iteration)
             if dropped:
@@ -404,7 +426,8 @@ class Trainer:
         state = {"iteration": self.iteration, "clip_m": self.clip_m,
                  "numpy_rng": {str(r): s for r, s in enumerate(rngs)},
                  "config": self.cfg.model_dump(mode="json"), "network": self.network_spec,
-                 "history": self.history[-2000:], "precision": self.precision, "device": str(self.device),
+                 "history": self.history[-2000:], "dead_monitor": self.dead_monitor.state_dict(),
+                 "precision": self.precision, "device": str(self.device),
                  "world_size": self.dist.world,
                  "_tensors": {f"torch{r}": g for r, g in enumerate(gens)}}
         save_checkpoint(self.out_dir, self.model, self.ema, self.optimizer, state)
@@ -576,7 +599,7 @@ class Trainer:
         n_running = 0
         consecutive_skips = 0
         last_skip_warning = -10 ** 9
-        dead = DeadEpisodeMonitor(learned=any(r.get("gdl", 1.0) <= LEARNED_LOSS for r in self.history))
+        dead = self.dead_monitor
         while self.iteration < end:
             stats = self.step()
             self.iteration += 1
