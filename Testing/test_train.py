@@ -359,7 +359,7 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     assert (f"| ct2mr | {runs[3].label} | 4000 | 1015 | not measured: diverged (training stopped: validation "
             f"mean Dice 0.004 at iteration 1000; gradient norm 0.04 (median of iterations ≤ 200), 3.1e+12 at "
             f"iteration 1010; loss 0.850 at iteration 1010) |") in text
-    assert text.count("not finished (not started)") == len(runs) - 5
+    assert text.count("not finished (not started") == len(runs) - 5  # some say "; rerun with seed …"
     assert "| ct2mr | none | 4000 | 4000 | 0.500 | 0.250 | 7.25 | 9.00 | trained by the plan |" in text
     assert "| ct2mr | src | 4000 | 4000 | 0.625 | 0.375 | 7.25 | 9.00 | zoo package `zoo-ct` 0.1.0 (1) |" in text
     assert "1. ct2mr-src: from the zoo" in text
@@ -380,7 +380,7 @@ def test_reseeded_cells_train_with_their_own_seed():
     for name, (seed, why) in ablation.RESEEDED.items():
         run = ablation.find(name)
         cfg, twin = run.config("cpu"), ablation.find(f"{run.protocol.name}-src").config("cpu")
-        assert cfg.seed == seed != twin.seed and "collapsed" in why
+        assert cfg.seed == seed != twin.seed and ("collapsed" in why or "diverged" in why)
         assert cfg.model_dump(exclude={"seed", "augmentation", "output_dir", "model"}) == \
             twin.model_dump(exclude={"seed", "augmentation", "output_dir", "model"})
     assert ablation._source_text({"kind": "trained by the plan", "seed": 1}) == "trained by the plan, seed 1"

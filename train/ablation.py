@@ -35,8 +35,8 @@ the target domain with the recipe of the reverse protocol, so it gets that proto
 reference, not a contestant) — and is the very model of the reverse protocol's SRC cell: one training
 serves both (:func:`twin`).
 Every cell trains with the recipe's seed, except those in :data:`RESEEDED`: a first attempt whose
-training collapsed (the generalised Dice loss saturated, one class predicted everywhere) is rerun once
-with another seed, everything else equal, and the record names the seed and what the first attempt did.
+training collapsed (the generalised Dice loss saturated, one class predicted everywhere) or diverged is
+rerun once with another seed, everything else equal, and the record names the seed and what the first attempt did.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ _TRAINING_KEYS = ("train_split", "val_split", "spacing", "patch_size", "network"
 
 
 #: Cells trained with another seed than their recipe's, and why. Only for a first attempt that collapsed
-#: (a property of that one random trajectory, not of the method: other cells of the same protocol and
-#: settings trained normally); the seed-0 run logs are kept in the checkout's ``runs/broken/``.
+#: or diverged (possibly a property of that one random trajectory, not of the method: other cells of the
+#: same protocol and settings trained normally; the rerun tells); the seed-0 run logs are kept in the
+#: checkout's ``runs/broken/``.
 RESEEDED: dict[str, tuple[int, str]] = {
     "ct2mr-gin_ipa": (1, "seed 0 collapsed at iteration ≈ 740 of 4 000: the loss jumped from 0.70–0.86 to "
                          "0.9996 with a gradient norm of 0.001–0.005 (one class everywhere) and stayed there "
@@ -82,6 +83,10 @@ RESEEDED: dict[str, tuple[int, str]] = {
     "ct2mr-randconv": (1, "seed 0 collapsed at iteration ≈ 3 090 of 4 000: validation mean Dice 0.638 at "
                           "3 000, 0.023 at 4 000, the loss ≈ 1 with a gradient norm of 10⁻⁴ from the collapse "
                           "on; that model scored 0.027 mean Dice on the MR test cases (with and without SM)"),
+    "bssfp2lge-randconv": (1, "seed 0 never learned and diverged: the loss stayed at 0.97–0.99 (one class "
+                              "everywhere) through iteration 200, then from ≈ 450 the gradient norm grew about "
+                              "tenfold every 50 iterations (1.3·10¹³ at 1 010, loss 0.84) and the run was stopped "
+                              "at 1 015 (validation mean Dice 0.004 at 1 000)"),
 }
 
 
