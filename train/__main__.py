@@ -8,6 +8,7 @@ Examples::
     python -m train export runs/abdomen-ct-src Resources/Models/abdomen-ct
     python -m train evaluate Resources/Models/abdomen-ct ../shared/data/Dataset502_AbdomenMRT2 --out eval/ct2mr
     python -m train card-metrics cross_domain_mr=eval/ct2mr --note "…" --out metrics.json
+    python -m train diagnose runs/abdomen-ct-src                          # is a dead run dead for good?
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="card key and the folder `evaluate --out` wrote, e.g. cross_domain_mr_chaos_all20=eval/ct2mr")
     m.add_argument("--note", default=None, help="a sentence on budget and protocol for the card")
     m.add_argument("--out", required=True, help="JSON file to write")
+    d = sub.add_parser("diagnose", help="logit saturation of a run's checkpoint on training patches: whether a "
+                                        "run that fell dead (loss at its ceiling, no gradient) can recover")
+    d.add_argument("run_dir", help="the run's output folder (holds checkpoint.json)")
+    d.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="the optimiser's weights (default: what trains) or the EMA (what export packages)")
+    d.add_argument("--patches", type=int, default=4, help="training patches to look at (default 4)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -113,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_model(args.model, args.dataset, args.out, split=args.split, sm=args.sm, device=args.device,
                            limit=args.limit, keep_largest=args.keep_largest, landmark=args.landmark)
+            return 0
+        if args.command == "diagnose":
+            from .diagnose import format_report, saturation_report
+
+            report = saturation_report(args.run_dir, weights=args.weights, patches=args.patches)
+            print(json.dumps(report, indent=1) if args.json else format_report(report))
             return 0
         if args.command == "card-metrics":
             from .card_metrics import write_card_metrics
