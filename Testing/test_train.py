@@ -745,6 +745,30 @@ def test_a_run_that_fell_dead_and_recovered_says_so_in_its_record(tmp_path):
     assert dead_episodes(blips) == [] and dead_episodes(tmp_path / "missing.csv") == []
 
 
+def test_a_run_dead_at_its_end_whose_ema_still_segments_says_so(tmp_path):
+    """RandConv CT→MR (seed 1) fell dead ≈ 130 iterations before its budget ended while its validation (EMA
+    weights) held at 0.67: no collapse note applies, yet its record must say that the measured model is an
+    average taken just after a collapse. A run that validated collapsed gets the collapse note instead."""
+    from train.ablation import ended_dead, training_collapse
+
+    f = tmp_path / "log.csv"
+    rows = ["iteration,loss,gdl,grad_norm,val_dice_mean"]
+    rows += [f"{it},0.30,0.30,1.5,{v}" for it, v in ((1000, "0.44"), (2000, "0.62"), (3000, "0.66"))]
+    rows += [f"{it},0.25,0.25,1.2," for it in range(3010, 3870, 10)]
+    rows += [f"{it},0.9990,0.9970,7e-05," for it in range(3870, 4000, 10)] + ["4000,0.9992,0.9971,7.2e-05,0.670"]
+    f.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert training_collapse(f) is None
+    assert ended_dead(f) == (
+        "the optimiser's weights fell dead at iteration ≈ 3870 (loss at its ceiling, vanishing gradient: one class "
+        "everywhere) and were still dead at the end of the budget (4000); the exported EMA weights, an average over "
+        "the last ≈ 1 000 steps, still segmented (validation mean Dice 0.670 at iteration 4000), so the number "
+        "measures them — a longer budget would have measured a collapsed model.")
+    f.write_text("\n".join(rows[:-1] + ["4000,0.9992,0.9971,7.2e-05,0.020"]) + "\n", encoding="utf-8")
+    assert training_collapse(f) is not None and ended_dead(f) is None  # the collapse note speaks
+    f.write_text("\n".join(rows[:-14] + ["4000,0.25,0.25,1.2,0.670"]) + "\n", encoding="utf-8")
+    assert ended_dead(f) is None and ended_dead(tmp_path / "missing.csv") is None
+
+
 def test_a_model_still_learning_at_its_budget_says_so(tmp_path):
     """GIN-IPA on bSSFP validated 0.110, 0.195, 0.421 at 1000/2000/3000 while the other methods had
     levelled off at 0.71–0.78: its cross-domain number is what it reaches at the budget, and says so."""
@@ -802,3 +826,45 @@ def test_trainer_warns_when_validation_collapses():
     assert said == []  # learning, then a normal dip
     Trainer._warn_if_collapsed(trainer, 0.02)
     assert len(said) == 1 and "fell from 0.640 to 0.020" in said[0] and "gdl_ce" in said[0]
+
+
+def test_diagnose_tells_a_dead_checkpoint_from_a_live_one(tmp_path, capsys):
+    """``python -m train diagnose`` measures what a checkpoint's network outputs on training patches: a
+    freshly trained one is not saturated; one whose head puts background 10⁴ above every other class
+    (what collapsed runs showed: logit gaps of 10⁴–10⁷) has an exactly one-hot float32 softmax everywhere,
+    hence no segmentation gradient, and is called dead for good. The EMA weights are judged separately."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from train.__main__ import main
+    from train.diagnose import UNDERFLOW_GAP, saturation_report
+    from train.trainer import Trainer
+
+    cfg = _tiny_config(tmp_path, _subset(tmp_path), iterations=6, log_every=3)
+    Trainer(cfg).fit()
+    run = tmp_path / "run"
+    live = saturation_report(run, patches=2)
+    assert live["iteration"] == 6 and live["weights"] == "model" and live["patches"] == 2
+    assert live["one_hot_share"] < 0.5 and live["verdict"].startswith("not saturated")
+    assert live["gap_min"] < UNDERFLOW_GAP and sum(live["class_share"].values()) == pytest.approx(1.0)
+    assert live["l2_gradient_norm"] == pytest.approx(2 * cfg.l2 * live["kernel_norm"]) and live["kernel_norm"] > 0
+
+    tensors = load_file(str(run / "checkpoint.safetensors"))
+    tensors["model.head.weight"] = torch.zeros_like(tensors["model.head.weight"])
+    bias = torch.zeros_like(tensors["model.head.bias"])
+    bias[0] = 1e4
+    tensors["model.head.bias"] = bias
+    save_file(tensors, str(run / "checkpoint.safetensors"), metadata={"iteration": "6"})
+    dead = saturation_report(run, patches=2)
+    assert dead["one_hot_share"] == 1.0 and dead["class_share"]["0"] == 1.0
+    assert dead["gap_min"] == pytest.approx(1e4) and dead["logit_max"] == pytest.approx(1e4)
+    assert dead["verdict"].startswith("dead for good") and "gdl_ce" in dead["verdict"]
+    ema = saturation_report(run, weights="ema", patches=2)  # the EMA was not touched
+    assert ema["one_hot_share"] < 0.5 and ema["verdict"].endswith("this is what `export` would package)")
+
+    assert main(["diagnose", str(run), "--patches", "1"]) == 0
+    assert "dead for good" in capsys.readouterr().out
+    assert main(["diagnose", str(run), "--patches", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["one_hot_share"] == 1.0
+    assert main(["diagnose", str(tmp_path)]) == 2
+    assert "holds no training checkpoint" in capsys.readouterr().err

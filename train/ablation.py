@@ -339,7 +339,8 @@ def training_notes(run: Run, seed: int) -> str | None:
     or failure, dead episodes it recovered from, skipped steps, a model still learning at the budget,
     and the seed of a rerun (:data:`RESEEDED`)."""
     log_csv = run.run_dir / "log.csv"
-    notes = [n for n in (training_collapse(log_csv), recovered_episodes(log_csv), skipped_steps(log_csv),
+    notes = [n for n in (training_collapse(log_csv), recovered_episodes(log_csv),
+                         ended_dead(log_csv, run.config("cpu").ema_decay), skipped_steps(log_csv),
                          still_learning(log_csv)) if n]
     if run.name in RESEEDED:
         notes.append(f"trained with seed {seed}: {RESEEDED[run.name][1]}.")
@@ -455,6 +456,25 @@ def recovered_episodes(log_csv: Path) -> str | None:
     spans = ", ".join(f"{a}–{b}" for a, b in recovered)
     return (f"the loss sat at its ceiling with a vanishing gradient (one class everywhere) in iterations {spans}, "
             f"and training recovered from it.")
+
+
+def ended_dead(log_csv: Path, ema_decay: float = 0.999) -> str | None:
+    """A sentence when the optimiser's weights fell dead and stayed dead to the end of the log while the
+    validation — which scores the EMA weights, the ones exported and measured — did not collapse (then
+    :func:`training_collapse` speaks), or None. Such a cell measures an average taken just after a
+    collapse: a somewhat longer budget would have measured a collapsed model."""
+    episodes = dead_episodes(log_csv)
+    if not episodes or episodes[-1][1] is not None or training_collapse(log_csv) is not None:
+        return None
+    rows = _log_rows(log_csv) or []
+    start, last = episodes[-1][0], int(rows[-1]["iteration"])
+    val = [(int(r["iteration"]), float(r["val_dice_mean"])) for r in rows if r.get("val_dice_mean")]
+    held = f" (validation mean Dice {val[-1][1]:.3f} at iteration {val[-1][0]})" if val else ""
+    span = f"{round(1 / (1 - ema_decay)):,}".replace(",", " ")  # the EMA's effective window
+    return (f"the optimiser's weights fell dead at iteration ≈ {start} (loss at its ceiling, vanishing gradient: one "
+            f"class everywhere) and were still dead at the end of the budget ({last}); the exported EMA weights, "
+            f"an average over the last ≈ {span} steps, still segmented{held}, so the number "
+            f"measures them — a longer budget would have measured a collapsed model.")
 
 
 def skipped_steps(log_csv: Path, threshold: float = 0.01) -> str | None:
