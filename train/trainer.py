@@ -115,8 +115,9 @@ class DeadEpisodeMonitor:
             return (f"WARNING: training looks dead since iteration {self.started}: {share:.0%} of the last "
                     f"{self._dead.maxlen} steps had the loss at its ceiling (≥ {DEAD_LOSS}) with a gradient norm "
                     f"≤ {DEAD_GRAD_NORM}, i.e. the network predicts one class everywhere. Runs have recovered "
-                    f"from this after a few hundred steps, and have not; if it lasts, restart with another "
-                    f"`seed` or use `loss: gdl_ce`, whose cross-entropy term keeps a gradient.")
+                    f"from this after a few hundred steps, and have not (`python -m train diagnose RUN_DIR` on its "
+                    f"checkpoint tells which); if it lasts, restart with another `seed` or use `loss: gdl_ce`, "
+                    f"whose cross-entropy term keeps a gradient.")
         if self.started is not None and share <= 0.1:
             message = (f"training recovered by iteration {iteration} from the dead episode that began at "
                        f"iteration {self.started}")
