@@ -868,3 +868,5 @@ def test_diagnose_tells_a_dead_checkpoint_from_a_live_one(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["one_hot_share"] == 1.0
     assert main(["diagnose", str(tmp_path)]) == 2
     assert "holds no training checkpoint" in capsys.readouterr().err
+    assert main(["diagnose", str(run), "--patches", "0"]) == 2
+    assert "patches must be at least 1" in capsys.readouterr().err

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--weights", choices=("model", "ema"), default="model",
                    help="the optimiser's weights (default: what trains) or the EMA (what export packages)")
     d.add_argument("--patches", type=int, default=4, help="training patches to look at (default 4)")
+    d.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "diagnose":
             from .diagnose import format_report, saturation_report
 
-            report = saturation_report(args.run_dir, weights=args.weights, patches=args.patches)
+            report = saturation_report(args.run_dir, weights=args.weights, patches=args.patches,
+                                       device=args.device)
             print(json.dumps(report, indent=1) if args.json else format_report(report))
             return 0
         if args.command == "card-metrics":

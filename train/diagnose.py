@@ -47,8 +47,14 @@ def saturation_report(run_dir: str | Path, weights: str = "model", patches: int 
     if not (run_dir / CHECKPOINT_STATE).is_file():
         raise InputError(f"{run_dir} holds no training checkpoint ({CHECKPOINT_STATE}); give the run's "
                                 f"output folder (the recipe's output_dir)")
+    if patches < 1:
+        raise InputError(f"patches must be at least 1, got {patches}")
     groups, state = load_checkpoint(run_dir)
     cfg = TrainConfig.model_validate(state["config"] | {"device": device, "output_dir": str(run_dir)})
+    if not (Path(cfg.dataset) / "dataset.json").is_file():
+        raise InputError(f"the run's training data, {cfg.dataset} (as its configuration names it), is not found "
+                         f"from {Path.cwd()}: run this from the folder the training ran in (relative paths are "
+                         f"resolved there)")
     trainer = Trainer(cfg, resume=False, log=lambda _m: None)
     trainer.prepare_data()
     trainer.build()
