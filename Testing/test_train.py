@@ -371,6 +371,24 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(ablation.png)" in text
 
 
+def test_a_protocol_fixes_its_loss_whatever_its_recipe_says():
+    """The recorded cells were trained with the loss their protocol fixes (CT → MR and bSSFP → LGE: GDL, MR →
+    CT: GDL + CE); a recipe improved for users later must not change it. An in-domain reference trains with
+    the recipe — and the fixed settings — of the reverse protocol, whose SRC model it is."""
+    import dataclasses
+
+    from train import ablation
+
+    assert {r.name: r.config("cpu").loss for r in ablation.plan() if r.name != "bssfp2lge-indomain"} == \
+        {r.name: dict((r.protocol.reverse if r.in_domain else r.protocol).fixed)["loss"]
+         for r in ablation.plan() if r.name != "bssfp2lge-indomain"}
+    assert ablation.find("mr2ct-indomain").config("cpu").loss == "gdl" == ablation.find("ct2mr-src").config("cpu").loss
+    ct2mr = ablation.find("ct2mr-src").protocol
+    other = ablation.Run("ct2mr-src", dataclasses.replace(ct2mr, fixed=(("loss", "gdl_ce"), ("seed", 7))), "src")
+    cfg = other.config("cpu")
+    assert (cfg.loss, cfg.seed, cfg.augmentation) == ("gdl_ce", 7, "src")
+
+
 def test_reseeded_cells_train_with_their_own_seed():
     """A cell rerun after a collapsed first attempt trains with its own seed, everything else being the
     protocol's recipe; every other cell keeps the recipe's seed (equal settings within a protocol)."""
