@@ -505,7 +505,7 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
     assert ablation.advance(reseeded, None, "cpu")
     assert json.loads((reseeded.run_dir / "config.json").read_text(encoding="utf-8"))["seed"] == seed
     rec = ablation.result(reseeded)
-    assert rec["provenance"]["seed"] == seed and f"trained with seed {seed}: {why}." in rec["provenance"]["note"]
+    assert rec["provenance"]["seed"] == seed and f"Trained with seed {seed}: {why}." in rec["provenance"]["note"]
     assert f"{reseeded.name}: " in ablation.table(tmp_path / "ablation.md", figure=False).read_text(encoding="utf-8")
 
 
@@ -821,14 +821,14 @@ def test_recorded_notes_are_refreshed_from_run_logs_without_retraining(tmp_path,
         ablation.record(run, summary, 3000, {"kind": kind, "device": "cpu"}, recorded="2026-12-01")
     assert ablation.main(["notes"]) == 0
     rec = ablation.result(cell)
-    assert rec["provenance"]["note"].startswith("still learning at its budget") and rec["recorded"] == "2026-12-01"
+    assert rec["provenance"]["note"].startswith("Still learning at its budget") and rec["recorded"] == "2026-12-01"
     assert rec["summary"] == summary and rec["iterations"] == 3000 and rec["provenance"]["device"] == "cpu"
     assert "note" not in ablation.result(adopted)["provenance"]
     assert ablation.result(reseeded)["provenance"]["note"].endswith(
-        f"trained with seed 1: {ablation.RESEEDED[reseeded.name][1]}.")
+        f"Trained with seed 1: {ablation.RESEEDED[reseeded.name][1]}.")
     assert not ablation.refresh_notes(cell)  # nothing new to say
     text = ablation.table(tmp_path / "ablation.md", figure=False).read_text(encoding="utf-8")
-    assert "bssfp2lge-gin_ipa: still learning at its budget" in text
+    assert "bssfp2lge-gin_ipa: Still learning at its budget" in text
     assert f"not started; rerun with seed 1: {ablation.RESEEDED['ct2mr-gin_ipa'][1]}" in text
 
 

@@ -351,7 +351,7 @@ def training_notes(run: Run, seed: int) -> str | None:
                          still_learning(log_csv)) if n]
     if run.name in RESEEDED:
         notes.append(f"trained with seed {seed}: {RESEEDED[run.name][1]}.")
-    return " ".join(notes) or None
+    return " ".join(n[:1].upper() + n[1:] for n in notes) or None  # sentences
 
 
 def refresh_notes(run: Run) -> bool:
