@@ -72,7 +72,8 @@ def saturation_report(run_dir: str | Path, weights: str = "model", patches: int 
             top2 = logits.topk(2, dim=1).values
             gaps.append((top2[:, 0] - top2[:, 1]).flatten().cpu())
             probs = torch.softmax(logits, dim=1)
-            one_hot += int(((probs.max(dim=1).values == 1.0) & ((probs == 0).sum(dim=1) == probs.shape[1] - 1)).sum())
+            others_zero = (probs == 0).sum(dim=1) == probs.shape[1] - 1
+            one_hot += int(((probs.max(dim=1).values == 1.0) & others_zero).sum())
             c = torch.bincount(logits.argmax(dim=1).flatten().cpu(), minlength=logits.shape[1])
             counts = c if counts is None else counts + c
             n += logits[:, 0].numel()
