@@ -346,8 +346,11 @@ def training_notes(run: Run, seed: int) -> str | None:
     or failure, dead episodes it recovered from, skipped steps, a model still learning at the budget,
     and the seed of a rerun (:data:`RESEEDED`)."""
     log_csv = run.run_dir / "log.csv"
+    saved = run.run_dir / "config.json"  # the run's own settings; the plan's when it has none
+    ema_decay = (json.loads(saved.read_text(encoding="utf-8")).get("ema_decay") if saved.is_file() else None) \
+        or run.config("cpu").ema_decay
     notes = [n for n in (training_collapse(log_csv), recovered_episodes(log_csv),
-                         ended_dead(log_csv, run.config("cpu").ema_decay), skipped_steps(log_csv),
+                         ended_dead(log_csv, ema_decay), skipped_steps(log_csv),
                          still_learning(log_csv)) if n]
     if run.name in RESEEDED:
         notes.append(f"trained with seed {seed}: {RESEEDED[run.name][1]}.")
