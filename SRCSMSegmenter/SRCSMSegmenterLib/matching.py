@@ -53,13 +53,15 @@ def guess_modality(array: np.ndarray) -> Modality:
     return "CT" if float(np.min(array)) < CT_MINIMUM_BELOW else "MR"
 
 
-def preprocess_for_matching(array: np.ndarray, modality: Modality) -> tuple[np.ndarray, float]:
+def preprocess_for_matching(array: np.ndarray, modality: Modality,
+                            window: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
     """The per-image rule of SRCSM §2.1 → (int16 array, scale applied before rounding).
 
     The scale (2048/max for MR, 1 for CT) lets a caller express values back in the image's own units.
+    ``window`` (CT only) replaces the [-1023, 1024] HU clip by a narrower one: see :func:`match_window`.
     """
     if modality == "CT":
-        lo, hi = CT_MATCH_RANGE
+        lo, hi = CT_MATCH_RANGE if window is None else window
         out = np.empty(array.shape, dtype=np.int16)
         flat_in, flat_out = array.reshape(-1), out.reshape(-1)
         for s in _slabs(flat_in.size):
@@ -217,12 +219,45 @@ class QuantileMapping:
         return v / self.scale, self.lut.astype(np.float64)
 
 
+#: A profile side within this many HU of SM's own CT limit counts as unwindowed (a raw-CT profile's
+#: top key sits a few HU below 1024, because the histogram drops the maximum and merges the top bins).
+_WINDOW_SLACK_HU = 16
+
+
+def match_window(profile: SourceProfile, target_modality: Modality) -> tuple[int, int] | None:
+    """The HU range a CT target is clipped to before matching onto a CT ``profile`` — the source
+    data's own intensity range, when it is narrower than SM's [-1023, 1024] — or None (no change).
+
+    Why (our departure from SRCSM §2.1, docs/departures.md): the bundled CT model's source data
+    were published clipped to [-125, 275] HU, so in its profile everything below -125 HU is one value
+    (the image minimum, left out of the histogram). A raw scanner CT ranked against that profile puts
+    its air and lung into the source's soft tissue and shifts every tissue upwards (soft tissue 40 HU →
+    ~110). Clipping the target to the source's range first gives it the same structure — its air and
+    fat at the floor, left out like the source's — and makes SM of such a CT close to the identity.
+    The range is the profile's ``overall_min`` and its top value (the histogram's top key; SM's
+    histogram drops the maximum itself, so that is a few HU below the window's ceiling: a voxel
+    above it maps to the source's top value either way). For a source of raw CT the range is
+    SM's own and nothing changes; MR targets and MR sources are never clipped.
+    """
+    if target_modality != "CT" or profile.modality != "CT":
+        return None
+    lo, hi = CT_MATCH_RANGE
+    if int(profile.overall_min) > lo + _WINDOW_SLACK_HU:
+        lo = int(profile.overall_min)
+    if int(profile.values[-1]) < hi - _WINDOW_SLACK_HU:
+        hi = int(profile.values[-1])
+    if (lo, hi) == CT_MATCH_RANGE or hi <= lo:
+        return None
+    return lo, hi
+
+
 def fit_mapping(array: np.ndarray, profile: SourceProfile, target_modality: Modality | Literal["auto"] = "auto",
                 values: np.ndarray | None = None, scale: float | None = None) -> QuantileMapping:
-    """Compute the quantile mapping of a target image onto ``profile`` (§2.3)."""
+    """Compute the quantile mapping of a target image onto ``profile`` (§2.3), after the target's
+    preprocessing (with the source's window for a CT target, :func:`match_window`)."""
     modality: Modality = guess_modality(array) if target_modality == "auto" else target_modality
     if values is None or scale is None:
-        values, scale = preprocess_for_matching(array, modality)
+        values, scale = preprocess_for_matching(array, modality, match_window(profile, modality))
     h = histogram(values)
     f_t = h.cdf()
     v = np.arange(h.minimum, h.maximum + 1, dtype=np.int64)
@@ -247,9 +282,12 @@ def fit_mapping(array: np.ndarray, profile: SourceProfile, target_modality: Moda
 
 def match(volume: Volume, profile: SourceProfile,
           target_modality: Modality | Literal["auto"] = "auto") -> Volume:
-    """Source-match a target volume: same geometry, int16 voxels in the source's intensity scale."""
+    """Source-match a target volume: same geometry, int16 voxels in the source's intensity scale.
+
+    The one definition of SM that segmentation, ``srcsm match`` and the module's preview all call.
+    """
     modality: Modality = guess_modality(volume.array) if target_modality == "auto" else target_modality
-    values, scale = preprocess_for_matching(volume.array, modality)
+    values, scale = preprocess_for_matching(volume.array, modality, match_window(profile, modality))
     mapping = fit_mapping(volume.array, profile, modality, values=values, scale=scale)
     mapping.apply_inplace(values)
     return Volume(values, volume.geometry, dict(volume.metadata))
