@@ -36,26 +36,58 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _gpu_missing_message(requested: str) -> str:
+    """What is missing for ``requested`` (cuda | mps | gpu) *on this platform*, and the fix.
+
+    ``gpu`` is what the Slicer module's device choice sends: on macOS that means Apple MPS, elsewhere an
+    NVIDIA GPU through CUDA, so the message must name the one this platform would use."""
+    system = platform.system()
+    if requested == "mps" or (requested == "gpu" and system == "Darwin"):
+        if system != "Darwin":
+            return (f"Apple MPS was requested, but MPS exists only on macOS (this is {system}). Choose the CPU "
+                    f"(--device cpu; in Slicer: device 'CPU'), or --device cuda on a machine with an NVIDIA GPU.")
+        return ("A GPU (Apple MPS) was requested but PyTorch reports MPS as unavailable on this Mac (MPS needs an "
+                "Apple-silicon or AMD GPU, macOS 12.3 or newer and a PyTorch build for arm64/x86_64 macOS). "
+                "Choose the CPU (--device cpu; in Slicer: device 'CPU').")
+    what = "A GPU" if requested == "gpu" else "CUDA"
+    if system == "Darwin":
+        return (f"{what} (NVIDIA CUDA) was requested, but PyTorch has no CUDA on macOS. Use --device mps for the "
+                f"Apple GPU, or --device cpu.")
+    build = ("this PyTorch is a CPU-only build" if torch.version.cuda is None
+             else f"this PyTorch is built for CUDA {torch.version.cuda}, but it finds no usable NVIDIA GPU or driver")
+    return (f"{what} was requested, but on {system} that needs an NVIDIA GPU with CUDA and {build}. Either "
+            f"choose the CPU (--device cpu; in Slicer: device 'CPU'), or install a CUDA build of PyTorch "
+            f"(pip: --index-url https://download.pytorch.org/whl/cuXYZ for your driver's CUDA version, "
+            f"see pytorch.org/get-started; in Slicer: the PyTorch extension's installer) and check the NVIDIA driver (nvidia-smi).")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA, then Apple MPS, then CPU. An explicit device that is missing is an error."""
+    """``auto`` → CUDA, then Apple MPS, then CPU; ``gpu`` → this platform's GPU (MPS on macOS, else CUDA).
+    An explicit device that is missing is an error that names what is missing here and the fix."""
     name = (name or "auto").lower()
-    if name in ("gpu",):
-        name = "cuda" if torch.cuda.is_available() else "mps"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if name == "gpu":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        raise SRCSMError(_gpu_missing_message("gpu"))
     if name == "cuda" and not torch.cuda.is_available():
-        raise SRCSMError(
-            "CUDA was requested but PyTorch sees no NVIDIA GPU (or this PyTorch is a CPU build). Use "
-            "--device cpu, or install a CUDA build of PyTorch (in Slicer: the PyTorch extension)."
-        )
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SRCSMError("Apple MPS was requested but is not available on this machine. Use --device cpu.")
+        raise SRCSMError(_gpu_missing_message("cuda"))
+    if name == "mps" and not _mps_available():
+        raise SRCSMError(_gpu_missing_message("mps"))
     if name not in ("cpu", "cuda", "mps"):
-        raise SRCSMError(f"Unknown device '{name}'. Choose auto, cpu, cuda or mps.")
+        raise SRCSMError(f"Unknown device '{name}'. Choose auto, cpu, gpu, cuda or mps.")
     return torch.device(name)
 
 

@@ -1,0 +1,73 @@
+"""Device choice: a missing GPU is reported as what is missing on *this* platform, with the fix."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from SRCSMSegmenterLib import device as device_mod
+from SRCSMSegmenterLib.device import resolve_device
+from SRCSMSegmenterLib.errors import SRCSMError
+
+
+def _no_gpu(monkeypatch, system: str) -> None:
+    monkeypatch.setattr(platform, "system", lambda: system)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_mod, "_mps_available", lambda: False)
+
+
+@pytest.mark.parametrize("system", ["Linux", "Windows"])
+def test_gpu_without_cuda_names_cuda_not_mps(monkeypatch, system):
+    """"GPU" is what the Slicer module sends; on Linux/Windows it means CUDA, never Apple MPS."""
+    _no_gpu(monkeypatch, system)
+    with pytest.raises(SRCSMError) as exc:
+        resolve_device("gpu")
+    text = str(exc.value)
+    assert "MPS" not in text and "Apple" not in text
+    assert "CUDA" in text and system in text
+    assert "--device cpu" in text and "CUDA build of PyTorch" in text
+
+
+def test_gpu_on_mac_without_mps_names_mps(monkeypatch):
+    _no_gpu(monkeypatch, "Darwin")
+    with pytest.raises(SRCSMError, match="Apple MPS") as exc:
+        resolve_device("gpu")
+    assert "CUDA" not in str(exc.value) and "--device cpu" in str(exc.value)
+
+
+def test_cuda_on_mac_and_mps_on_linux_say_the_platform_lacks_it(monkeypatch):
+    _no_gpu(monkeypatch, "Darwin")
+    with pytest.raises(SRCSMError, match="no CUDA on macOS"):
+        resolve_device("cuda")
+    _no_gpu(monkeypatch, "Linux")
+    with pytest.raises(SRCSMError, match="only on macOS"):
+        resolve_device("mps")
+
+
+def test_gpu_prefers_cuda_then_mps(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("gpu").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_mod, "_mps_available", lambda: True)
+    assert resolve_device("gpu").type == "mps"
+    monkeypatch.setattr(device_mod, "_mps_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or platform.system() == "Darwin",
+                    reason="checks the message on a Linux/Windows machine without CUDA (as CI)")
+def test_cli_gpu_on_this_machine_names_cuda(tmp_path, tiny_model, shared_data):
+    import os
+    import subprocess
+    import sys
+
+    image = shared_data / "Dataset502_AbdomenMRT2" / "imagesTr" / "chaos_02_0000.nii.gz"
+    env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
+    proc = subprocess.run([sys.executable, "-m", "SRCSMSegmenterLib.cli", "segment", str(image),
+                           str(tmp_path / "o.seg.nrrd"), "--model", str(tiny_model), "--device", "gpu",
+                           "--progress", "none"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "CUDA" in proc.stderr and "MPS" not in proc.stderr
+    assert not (tmp_path / "o.seg.nrrd").exists()
