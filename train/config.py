@@ -56,6 +56,13 @@ class TrainConfig(BaseModel):
                     "the rest are random patches with foreground oversampling. With the generalised Dice "
                     "loss a patch lacking a label gives almost no gradient, so large ROIs should be centred")
     foreground_oversampling: float = Field(0.33, ge=0.0, le=1.0)
+    fov_augmentation: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="recipe v2: share of patches cut from a random field of view of the case (a z slab down to "
+                    "fov_min_slab_mm and/or an in-plane crop down to fov_min_inplane of each extent), padded "
+                    "outside as inference pads a scan, so that a network learns anatomy that ends at a border")
+    fov_min_slab_mm: float = Field(40.0, gt=0.0)
+    fov_min_inplane: float = Field(0.5, gt=0.0, le=1.0)
     loss: Literal["gdl", "gdl_ce"] = Field(
         "gdl", description="gdl: generalised Dice loss (the paper); gdl_ce: plus voxel-wise cross-entropy (as "
                            "nnU-Net). GDL weights a label by 1/volume², so a large organ carries little weight: "
@@ -65,6 +72,10 @@ class TrainConfig(BaseModel):
     iterations: int = Field(50_000, ge=1)
     batch_size: int = Field(1, ge=1)
     learning_rate: float = 5e-5
+    lr_schedule: Literal["constant", "poly", "cosine"] = Field(
+        "constant", description="constant (the paper); poly: nnU-Net's (1 - t)^0.9 decay; cosine: half a cosine "
+                                "to 0; each after the linear warm-up")
+    warmup_iterations: int = Field(0, ge=0, description="linear learning-rate warm-up from 1 % of the rate")
     l2: float = Field(5e-7, description="explicit L2 on conv kernels, added to the loss (paper: 1e-6 on 2·GDL)")
     ema_decay: float = 0.999
     clip_factor: float = 5.0

@@ -49,6 +49,55 @@ class TrainingStalledError(SRCSMError):
     """Training steps keep failing (non-finite loss or gradients), so the weights no longer change."""
 
 
+class RunExistsError(SRCSMError):
+    """A fresh run was started in a folder that already holds one (which it would have replaced)."""
+
+
+#: Files that make a folder a run: a fresh run there would overwrite or append to them.
+RUN_FILES = (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, "log.csv")
+#: Without a terminal (a log file, nohup, CI) the progress bar is off; a status line is logged this often.
+STATUS_EVERY_S = 60.0
+
+
+def refuse_existing_run(out_dir: Path, overwrite: bool, log=print) -> Path | None:
+    """Refuse to start a fresh run in ``out_dir`` when it holds one — a second ``fit`` without
+    ``--resume`` used to replace a run's checkpoint and append to its log. With ``overwrite`` the old run
+    is kept, renamed to ``<out_dir>.replaced-<time>`` (returned), and a fresh folder is made."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found:
+        return None
+    if not overwrite:
+        where = ""
+        try:
+            state = json.loads((out_dir / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+            where = f" (checkpoint at iteration {state.get('iteration')})"
+        except (OSError, ValueError):
+            pass
+        raise RunExistsError(
+            f"{out_dir} already holds a training run{where}. Continue it with --resume, train into another "
+            f"folder with --run-dir DIR, or start afresh with --overwrite (the old run is kept, renamed to "
+            f"{out_dir.name}.replaced-<time>).")
+    backup = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while backup.exists():
+        backup = backup.with_name(f"{backup.name}-{n}")
+        n += 1
+    os.replace(out_dir, backup)
+    out_dir.mkdir(parents=True)
+    log(f"--overwrite: the previous run in {out_dir} was moved to {backup}")
+    return backup
+
+
+def format_duration(seconds: float) -> str:
+    """``1 h 05 min``, ``4 min 10 s``, ``12 s`` — for the ETA of the status line."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h} h {m:02d} min"
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
 # ------------------------------------------------------------------------------ dead episodes
 #: A step *looks dead* when its segmentation loss sits at the generalised Dice loss's ceiling with a
 #: vanishing gradient: the network predicts one class everywhere and the saturated softmax passes no
@@ -127,18 +176,68 @@ class DeadEpisodeMonitor:
 
 
 # ----------------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class FieldOfView:
+    """Field-of-view augmentation (recipe v2): before a patch is cut, the case is cropped to a random
+    box — a slab as thin as ``min_slab_mm`` along z and/or a partial in-plane view down to
+    ``min_inplane`` of each in-plane extent — and everything outside the box becomes what inference
+    sees outside a scan: the image's fill value (its minimum) and background.
+
+    Why: clinical scans often show only part of the anatomy (a 60 mm MR slab of the kidneys, a CT cut
+    above the spleen). A network trained only on whole abdomens has never seen anatomy end at a border
+    and returned nothing on such slabs (the robustness benchmark). ``probability`` is the share of
+    patches cut from such a box; the box always contains the patch centre."""
+
+    probability: float = 0.0
+    min_slab_mm: float = 40.0
+    min_inplane: float = 0.5
+
+    def box(self, shape: tuple[int, ...], centre: np.ndarray, spacing_kji: np.ndarray,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+        """A random box ``[lo, hi)`` (K, J, I voxel indices) inside ``shape`` containing ``centre``, or
+        None (no crop) with probability ``1 - probability``."""
+        if self.probability <= 0 or rng.random() >= self.probability:
+            return None
+        shape_a = np.asarray(shape)
+        lo, hi = np.zeros(3, int), shape_a.copy()
+        crop_z, crop_xy = [(True, True), (True, False), (False, True)][rng.integers(3)]
+        for axis in range(3):
+            full = int(shape_a[axis])
+            if axis == 0 and crop_z:
+                smallest = min(full, max(1, int(round(self.min_slab_mm / spacing_kji[0]))))
+            elif axis > 0 and crop_xy:
+                smallest = min(full, max(1, int(round(self.min_inplane * full))))
+            else:
+                continue
+            length = int(rng.integers(smallest, full + 1))
+            c = int(np.clip(centre[axis], 0, full - 1))
+            first = max(0, c - length + 1)
+            last = min(c, full - length)
+            start = int(rng.integers(first, last + 1))
+            lo[axis], hi[axis] = start, start + length
+        return lo, hi
+
+
 class PatchSampler:
     """Random crops (larger than the patch, for spatial warping) with foreground oversampling.
 
-    With probability ``fg_prob`` the crop is centred on a voxel of a label drawn uniformly from the
-    labels present in the case (class-balanced, as nnU-Net does); otherwise anywhere in the volume.
+    With probability ``landmark_prob`` the crop is centred on the foreground's bounding box (the paper's
+    ROI); else with probability ``fg_prob`` on a voxel of a label drawn uniformly from the labels present
+    in the case (class-balanced, as nnU-Net does); otherwise anywhere in the volume, so that patches
+    reach the volume's borders and the padding beyond them (what a sliding window over a whole scan
+    sees). ``fov`` crops the case to a random field of view first (:class:`FieldOfView`); ``norm`` is
+    then recomputed on what the box shows, as inference computes it on what the scan shows.
     """
 
     def __init__(self, cases: list[CachedCase], crop_kji: tuple[int, int, int], fg_prob: float,
-                 rng: np.random.Generator, landmark_prob: float = 0.0) -> None:
+                 rng: np.random.Generator, landmark_prob: float = 0.0, fov: FieldOfView | None = None,
+                 spacing_kji: tuple[float, float, float] = (1.0, 1.0, 1.0), norm: Any = None) -> None:
         self.cases, self.crop, self.fg_prob, self.rng = cases, crop_kji, fg_prob, rng
         self.landmark_prob = landmark_prob
         self.landmarks = {c.id: _landmark(c) for c in cases}
+        self.fov = fov or FieldOfView()
+        self.spacing_kji = np.asarray(spacing_kji, float)
+        self.norm = norm
 
     def _centre(self, case: CachedCase) -> np.ndarray:
         shape = np.array(case.image.shape)
@@ -153,13 +252,17 @@ class PatchSampler:
             return np.array(np.unravel_index(flat, case.image.shape))
         return (self.rng.random(3) * shape).astype(int)
 
-    def crop_case(self, case: CachedCase, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def crop_case(self, case: CachedCase, centre: np.ndarray,
+                  box: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The crop around ``centre``; outside the volume (or outside ``box``) the fill value and
+        background, exactly as inference pads a scan."""
         size = np.array(self.crop)
         start = centre - size // 2
         img = np.full(self.crop, case.fill_value, dtype=np.float32)
         lab = np.zeros(self.crop, dtype=np.uint8)
-        src_lo = np.maximum(start, 0)
-        src_hi = np.minimum(start + size, case.image.shape)
+        vol_lo, vol_hi = (np.zeros(3, int), np.array(case.image.shape)) if box is None else box
+        src_lo = np.maximum(start, vol_lo)
+        src_hi = np.minimum(start + size, vol_hi)
         if np.all(src_hi > src_lo):
             dst_lo = src_lo - start
             dst_hi = dst_lo + (src_hi - src_lo)
@@ -169,14 +272,28 @@ class PatchSampler:
             lab[d] = case.label[s]
         return img, lab
 
+    def _box_norm(self, case: CachedCase, box: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+        """The normalisation affine of what the box shows (percentile-based MR normalisation depends on
+        the field of view; a CT window does not)."""
+        if self.norm is None or self.norm.type == "ct_window":
+            return case.norm_scale, case.norm_offset
+        from SRCSMSegmenterLib.normalization import intensity_affine
+
+        lo, hi = box
+        view = case.image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        scale, offset, _, _ = intensity_affine(view, self.norm)
+        return scale, offset
+
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         imgs, labs, norms, fills = [], [], [], []
         for _ in range(batch):
             case = self.cases[self.rng.integers(len(self.cases))]
-            img, lab = self.crop_case(case, self._centre(case))
+            centre = self._centre(case)
+            box = self.fov.box(case.image.shape, centre, self.spacing_kji, self.rng)
+            img, lab = self.crop_case(case, centre, box)
             imgs.append(img)
             labs.append(lab)
-            norms.append([case.norm_scale, case.norm_offset])
+            norms.append(list(self._box_norm(case, box)) if box is not None else [case.norm_scale, case.norm_offset])
             fills.append(case.fill_value)
         return np.stack(imgs)[:, None], np.stack(labs), np.array(norms, np.float32), np.array(fills, np.float32)
 
@@ -323,9 +440,26 @@ def stop_requests(enabled: bool = True) -> Iterator[list[str]]:
             signal.signal(sig, old)
 
 
+def learning_rate_at(cfg: TrainConfig, iteration: int) -> float:
+    """The learning rate of step ``iteration`` (0-based): a linear warm-up from 1 % over
+    ``warmup_iterations``, then ``lr_schedule`` over the rest of ``iterations``. A pure function of the
+    iteration, so a resumed run continues the schedule exactly."""
+    base = cfg.learning_rate
+    warm = cfg.warmup_iterations
+    if warm and iteration < warm:
+        return base * (0.01 + 0.99 * iteration / warm)
+    if cfg.lr_schedule == "constant":
+        return base
+    t = min(1.0, (iteration - warm) / max(1, cfg.iterations - warm))
+    if cfg.lr_schedule == "poly":
+        return base * (1.0 - t) ** 0.9
+    return base * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False, log=None) -> None:
+    def __init__(self, config: TrainConfig, resume: bool = False, log=None, overwrite: bool = False) -> None:
         self.cfg = config
+        self.overwrite = overwrite
         self.dist = init_distributed(config.device)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         if config.num_threads:
@@ -462,6 +596,9 @@ class Trainer:
         from .augment import apply_appearance, gin_consistency_loss
 
         cfg = self.cfg
+        lr = learning_rate_at(cfg, self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         x, lab = self._batch()
         with torch.no_grad():
             views = apply_appearance(cfg.augmentation, x, lab, self.num_classes, self.gen)
@@ -501,7 +638,8 @@ class Trainer:
                     self.ema[k].lerp_(v.float(), 1 - d)
                 else:
                     self.ema[k].copy_(v)
-        out = {"loss": float(loss.detach()), "gdl": float(seg.detach()), "grad_norm": norm, "skipped": 0.0}
+        out = {"loss": float(loss.detach()), "gdl": float(seg.detach()), "grad_norm": norm, "skipped": 0.0,
+               "lr": lr}
         if cons is not None:
             out["consistency"] = float(cons.detach())
         return out
@@ -553,11 +691,25 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- loop
     def fit(self, time_limit_s: float | None = None, until_iteration: int | None = None) -> dict[str, Any]:
+        """Train to ``until_iteration`` (default: the recipe's ``iterations``). ``time_limit_s`` counts
+        the training loop only, not the one-off preprocessing cache, so a session's budget is spent on
+        steps."""
         cfg = self.cfg
+        if self.dist.main and not self.resume:
+            refuse_existing_run(self.out_dir, self.overwrite, log=self.log)
+        t0 = time.monotonic()
         self.prepare_data()
         self.build()
+        if self.dist.main:
+            end_at = min(cfg.iterations, until_iteration or cfg.iterations)
+            self.log(f"data ready in {format_duration(time.monotonic() - t0)}: {len(self.train_data)} training, "
+                     f"{len(self.val_data)} validation cases; training {cfg.model.id} [{cfg.augmentation}] from "
+                     f"iteration {self.iteration} to {end_at} on {self.device} ({self.precision}, "
+                     f"{torch.get_num_threads()} threads)")
+        fov = FieldOfView(cfg.fov_augmentation, cfg.fov_min_slab_mm, cfg.fov_min_inplane)
         self.sampler = PatchSampler(self.train_data, self.crop_kji, cfg.foreground_oversampling, self.rng,
-                                    cfg.landmark_sampling)
+                                    cfg.landmark_sampling, fov=fov, spacing_kji=tuple(reversed(cfg.spacing)),
+                                    norm=self.norm)
         if self.dist.main:
             (self.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
         writer = None
@@ -598,6 +750,8 @@ class Trainer:
         t_last = time.monotonic()
         running: dict[str, float] = {}
         n_running = 0
+        first_iteration = self.iteration
+        status_at = start + STATUS_EVERY_S
         consecutive_skips = 0
         last_skip_warning = -10 ** 9
         dead = self.dead_monitor
@@ -624,7 +778,15 @@ class Trainer:
             n_running += 1
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats.get('lr', 0):.1e}")
+            now = time.monotonic()
+            if self.dist.main and (bar is None or bar.disable) and now >= status_at:
+                # no terminal, no bar: say how far the run is, how fast and how long it still takes
+                status_at = now + STATUS_EVERY_S
+                rate = (self.iteration - first_iteration) / max(1e-9, now - start)
+                eta = (end - self.iteration) / max(1e-9, rate)
+                self.log(f"iteration {self.iteration}/{end} ({self.iteration / end:.0%}): loss {stats['loss']:.4f}, "
+                         f"{rate:.2f} it/s, ETA {format_duration(eta)}")
             row: dict[str, Any] | None = None
             if self.iteration % cfg.log_every == 0 or self.iteration == end:
                 now = time.monotonic()

@@ -5,6 +5,12 @@ LeakyReLU(0.1) and dropout, no normalisation layers, average pooling down, trili
 concatenation ``[skip, upsampled]``, a 1³ head. The paper uses ``channels = [64]*5``; a lighter
 ``[16, 32, 64, 128, 256]`` variant is what fits CPU budgets. One definition, used by ``train``, the
 CLI and the Slicer module.
+
+``norm="instance"`` (recipe v2, a recorded departure from the paper) puts an affine instance
+normalisation after every 3³ convolution, before the activation, as nnU-Net does. Without it the
+paper's network let its logits grow to 10³–10⁷ on our CPU budgets and six of seven CT runs under the
+generalised Dice loss fell dead (one class everywhere, no gradient; docs/benchmarks.md): normalised
+activations keep the logits bounded. Packages without the parameter are the paper's plain network.
 """
 
 from __future__ import annotations
@@ -17,39 +23,46 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("srcsm_unet",)
+NORMS = ("none", "instance")
 
 
 class _Block(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, dropout: float, repeats: int = 2) -> None:
+    def __init__(self, c_in: int, c_out: int, dropout: float, repeats: int = 2, norm: str = "none") -> None:
         layers: list[nn.Module] = []
         for r in range(repeats):
-            layers += [nn.Conv3d(c_in if r == 0 else c_out, c_out, 3, padding=1),
-                       nn.LeakyReLU(0.1, inplace=True)]
+            layers.append(nn.Conv3d(c_in if r == 0 else c_out, c_out, 3, padding=1))
+            if norm == "instance":
+                layers.append(nn.InstanceNorm3d(c_out, affine=True, eps=1e-5))
+            layers.append(nn.LeakyReLU(0.1, inplace=True))
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
 
 
 class SRCSMUNet(nn.Module):
-    """Plain 3D U-Net of the SRCSM paper (no normalisation layers)."""
+    """3D U-Net of the SRCSM paper (plain: no normalisation layers; ``norm="instance"``: recipe v2)."""
 
     def __init__(self, in_channels: int = 1, out_channels: int = 5,
-                 channels: tuple[int, ...] | list[int] = (64, 64, 64, 64, 64), dropout: float = 0.1) -> None:
+                 channels: tuple[int, ...] | list[int] = (64, 64, 64, 64, 64), dropout: float = 0.1,
+                 norm: str = "none") -> None:
         super().__init__()
         channels = list(channels)
         if len(channels) < 2:
             raise ValueError("a U-Net needs at least two levels")
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
         self.levels = len(channels)
+        self.norm = norm
         self.down = nn.ModuleList()
         c_prev = in_channels
         for c in channels:
-            self.down.append(_Block(c_prev, c, dropout))
+            self.down.append(_Block(c_prev, c, dropout, norm=norm))
             c_prev = c
         # deepest level: its expanding block runs right after its contracting block (4 convs in a row)
-        self.bottom = _Block(channels[-1], channels[-1], dropout)
+        self.bottom = _Block(channels[-1], channels[-1], dropout, norm=norm)
         self.up = nn.ModuleList()
         for lvl in range(self.levels - 2, -1, -1):
-            self.up.append(_Block(channels[lvl] + channels[lvl + 1], channels[lvl], dropout))
+            self.up.append(_Block(channels[lvl] + channels[lvl + 1], channels[lvl], dropout, norm=norm))
         self.head = nn.Conv3d(channels[0], out_channels, 1)
         self.reset_parameters()
 

@@ -1,0 +1,268 @@
+"""Training recipe v2: whole-volume sampling, field-of-view augmentation, instance normalisation, the
+learning-rate schedule — and the trainer's protection of an existing run and its console progress.
+
+Sampling and FOV tests run on a real cached CT case (BTCV ``sabs_09`` at 9.6 mm), so borders, fill value
+and labels are the real ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_fixtures import SHARED_DATA, make_subset_dataset
+from train.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+V2_RECIPES = sorted((REPO / "train" / "recipes").glob("*_v2_cpu.yaml"))
+
+
+def _tiny_config(tmp_path: Path, **kw) -> TrainConfig:
+    ds = make_subset_dataset(tmp_path / "Dataset501_AbdomenCT", SHARED_DATA / "Dataset501_AbdomenCT",
+                             ["sabs_09"], [])
+    base = dict(
+        dataset=str(ds), val_split=None, model={"id": "t", "name": "t", "anatomy": "abdomen"},
+        spacing=(9.6, 9.6, 9.6), patch_size=(16, 16, 16),
+        network={"architecture": "srcsm_unet", "parameters": {"channels": [4, 8], "dropout": 0.0,
+                                                              "norm": "instance"}},
+        augmentation="src", iterations=6, batch_size=1, learning_rate=1e-3, val_every=0,
+        checkpoint_every=3, log_every=1, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "run"),
+        precision="fp32", seed=3, loss="gdl_ce",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def cached_case(tmp_path_factory):
+    """One real CT case preprocessed by the trainer's own cache code."""
+    from SRCSMSegmenterLib.normalization import default_normalization
+    from train.cache import build_cache, load_cached
+    from train.datasets import load_dataset
+
+    tmp = tmp_path_factory.mktemp("v2cache")
+    cfg = _tiny_config(tmp)
+    ds = load_dataset(cfg.dataset)
+    folder = build_cache(ds, ds.split("train"), Path(cfg.cache_dir), cfg.spacing, default_normalization("CT"),
+                         log=lambda m: None)
+    return load_cached(folder, ["sabs_09"])[0]
+
+
+# ---------------------------------------------------------------------------------- sampling
+def test_v2_patches_reach_every_border_and_the_padding_beyond(cached_case):
+    """Two thirds of v2's patch centres are uniform over the volume: over a few hundred patches the
+    crops must cover the first and last voxel of every axis and hang over them into padding (fill value,
+    background) — what a sliding window over a whole scan sees; v1's 80 % landmark-centred patches
+    hang over a border far less often."""
+    from train.trainer import PatchSampler
+
+    case = cached_case
+    shape = np.array(case.image.shape)
+    crop = (16, 16, 16)
+
+    def coverage(landmark: float, fg: float) -> tuple[np.ndarray, np.ndarray, int]:
+        sampler = PatchSampler([case], crop, fg, np.random.default_rng(0), landmark)
+        lo, hi, padded = shape.copy(), np.zeros(3, int), 0
+        for _ in range(300):
+            centre = sampler._centre(case)
+            start = centre - np.array(crop) // 2
+            lo = np.minimum(lo, np.maximum(start, 0))
+            hi = np.maximum(hi, np.minimum(start + crop, shape))
+            img, lab = sampler.crop_case(case, centre)
+            outside = np.any(start < 0) or np.any(start + crop > shape)
+            if outside:
+                padded += 1
+                assert np.any(img == case.fill_value)
+        return lo, hi, padded
+
+    lo, hi, padded = coverage(landmark=0.0, fg=0.33)
+    assert np.all(lo == 0) and np.all(hi == shape), (lo, hi, shape)
+    assert padded > 100  # a real share of patches hang over a border
+    _, _, padded_v1 = coverage(landmark=0.8, fg=0.33)  # v1: landmark-centred patches stay inside
+    assert padded > 2 * padded_v1, (padded, padded_v1)
+
+
+def test_v2_one_third_of_patches_are_forced_onto_foreground(cached_case):
+    from train.trainer import PatchSampler
+
+    sampler = PatchSampler([cached_case], (16, 16, 16), 0.33, np.random.default_rng(1), 0.0)
+    on_label = [cached_case.label[tuple(sampler._centre(cached_case))] > 0 for _ in range(600)]
+    share = float(np.mean(on_label))
+    fg_share = float(np.mean(np.asarray(cached_case.label) > 0))
+    # forced third + the uniform two thirds that land on an organ by chance
+    assert 0.33 + 0.67 * fg_share - 0.07 < share < 0.33 + 0.67 * fg_share + 0.07, (share, fg_share)
+
+
+def test_fov_boxes_are_slabs_and_partial_views_that_hold_the_centre():
+    from train.trainer import FieldOfView
+
+    fov = FieldOfView(probability=1.0, min_slab_mm=40.0, min_inplane=0.5)
+    rng = np.random.default_rng(0)
+    shape, spacing = (60, 100, 120), np.array([4.8, 4.8, 4.8])
+    thinnest_z, any_inplane = 10 ** 9, False
+    for _ in range(400):
+        centre = rng.integers(0, shape)
+        lo, hi = fov.box(shape, centre, spacing, rng)
+        assert np.all(lo >= 0) and np.all(hi <= shape) and np.all(lo <= centre) and np.all(centre < hi)
+        assert (hi[0] - lo[0]) * spacing[0] >= 40.0 - 4.8  # never thinner than the thinnest slab (± a voxel)
+        assert np.all(hi[1:] - lo[1:] >= np.round(0.5 * np.array(shape[1:])))
+        thinnest_z = min(thinnest_z, hi[0] - lo[0])
+        any_inplane |= bool(np.any(hi[1:] - lo[1:] < np.array(shape[1:])))
+    assert thinnest_z * spacing[0] <= 50.0  # slabs as thin as 40 mm do occur
+    assert any_inplane
+    assert FieldOfView(probability=0.0).box(shape, np.array([1, 1, 1]), spacing, rng) is None
+
+
+def test_fov_crop_pads_outside_the_box_as_inference_pads_and_renormalises_mr(cached_case):
+    """Outside the box the patch must be exactly the fill value and background; inside, the case's voxels.
+    For a percentile-normalised modality (MR) the affine is that of what the box shows."""
+    from SRCSMSegmenterLib.normalization import default_normalization, intensity_affine
+    from train.trainer import FieldOfView, PatchSampler
+
+    case = cached_case
+    shape = np.array(case.image.shape)
+    centre = shape // 2
+    box = (np.array([centre[0] - 2, 0, 0]), np.array([centre[0] + 2, shape[1], shape[2]]))  # a 4-slice slab
+    sampler = PatchSampler([case], (16, 16, 16), 0.33, np.random.default_rng(0), 0.0)
+    img, lab = sampler.crop_case(case, centre, box)
+    k0 = 8 - 2  # patch index of the slab's first slice
+    inside = np.zeros(img.shape, bool)
+    inside[k0:k0 + 4] = True
+    assert np.all(img[~inside] == np.float32(case.fill_value)) and np.all(lab[~inside] == 0)
+    np.testing.assert_array_equal(img[inside].reshape(4, 16, 16),
+                                  np.asarray(case.image[centre[0] - 2:centre[0] + 2, centre[1] - 8:centre[1] + 8,
+                                                        centre[2] - 8:centre[2] + 8]))
+    # CT window: the affine does not depend on the view; MR percentiles do, and follow the box
+    ct = PatchSampler([case], (16, 16, 16), 0.33, np.random.default_rng(0), 0.0,
+                      fov=FieldOfView(1.0), norm=default_normalization("CT"))
+    assert ct._box_norm(case, box) == (case.norm_scale, case.norm_offset)
+    mr_norm = default_normalization("MR")
+    mr = PatchSampler([case], (16, 16, 16), 0.33, np.random.default_rng(0), 0.0, fov=FieldOfView(1.0), norm=mr_norm)
+    view = np.asarray(case.image[box[0][0]:box[1][0]])
+    assert mr._box_norm(case, box) == pytest.approx(intensity_affine(view, mr_norm)[:2])
+    assert mr._box_norm(case, box) != pytest.approx(intensity_affine(np.asarray(case.image), mr_norm)[:2])
+
+
+# ----------------------------------------------------------------------------------- network
+def test_instance_norm_unet_is_loaded_from_a_card_and_plain_cards_stay_plain():
+    from SRCSMSegmenterLib.network import build_network
+
+    v2 = build_network("srcsm_unet", {"channels": [4, 8], "dropout": 0.0, "norm": "instance", "out_channels": 3})
+    v1 = build_network("srcsm_unet", {"channels": [4, 8], "dropout": 0.0, "out_channels": 3})
+    assert sum(isinstance(m, torch.nn.InstanceNorm3d) for m in v2.modules()) == 8  # 2 per block, 4 blocks
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in v1.modules())
+    # instance norm makes the output invariant to a scaling of the input (zero padding breaks it for an offset)
+    x = torch.randn(1, 1, 16, 16, 16)
+    v2.eval()
+    torch.testing.assert_close(v2(x), v2(3.0 * x), atol=2e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="unknown norm"):
+        build_network("srcsm_unet", {"channels": [4, 8], "norm": "batch"})
+
+
+# ------------------------------------------------------------------------------ lr schedule
+def test_learning_rate_warms_up_then_decays(tmp_path):
+    from train.trainer import learning_rate_at
+
+    cfg = _tiny_config(tmp_path, iterations=1000, learning_rate=1e-3, warmup_iterations=100, lr_schedule="poly")
+    lrs = [learning_rate_at(cfg, i) for i in range(1000)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[100] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:100], lrs[1:101]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))  # then decays
+    assert lrs[-1] < 2e-5
+    cos = cfg.model_copy(update={"lr_schedule": "cosine"})
+    assert learning_rate_at(cos, 550) == pytest.approx(5e-4, rel=1e-6)
+    const = cfg.model_copy(update={"lr_schedule": "constant", "warmup_iterations": 0})
+    assert {learning_rate_at(const, i) for i in (0, 500, 999)} == {1e-3}
+
+
+def test_v2_tiny_run_trains_with_fov_and_schedule_and_logs_the_rate(tmp_path):
+    from train.trainer import Trainer
+
+    cfg = _tiny_config(tmp_path, fov_augmentation=0.5, warmup_iterations=3, lr_schedule="poly",
+                       foreground_oversampling=0.33, landmark_sampling=0.0)
+    Trainer(cfg, log=lambda m: None).fit()
+    with open(tmp_path / "run" / "log.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-5) and max(lrs) == pytest.approx(1e-3)
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+
+
+@pytest.mark.parametrize("recipe", V2_RECIPES, ids=[r.stem for r in V2_RECIPES])
+def test_v2_recipes_are_what_issue_15_asks_for(recipe):
+    cfg = load_config(recipe)
+    assert cfg.loss == "gdl_ce" and cfg.augmentation == "src"
+    assert cfg.landmark_sampling == 0.0 and cfg.foreground_oversampling == pytest.approx(0.33)
+    assert cfg.fov_augmentation > 0 and cfg.fov_min_slab_mm <= 40
+    assert cfg.network["parameters"]["norm"] == "instance"
+    assert cfg.iterations >= 12_000 and cfg.warmup_iterations > 0 and cfg.lr_schedule != "constant"
+    assert cfg.precision == "auto" and cfg.num_threads == 2
+    assert len(V2_RECIPES) == 3
+
+
+# ----------------------------------------------------------------------- existing runs, progress
+def test_fit_refuses_to_replace_an_existing_run_and_overwrite_keeps_it(tmp_path):
+    """Running the README's training line twice used to replace a 140-iteration checkpoint with a
+    1-iteration one and append to the old log. Now it refuses, naming --resume, --run-dir and --overwrite;
+    --overwrite keeps the old run beside the new one."""
+    from train.trainer import RunExistsError, Trainer, load_checkpoint
+
+    cfg = _tiny_config(tmp_path, iterations=3)
+    Trainer(cfg, log=lambda m: None).fit()
+    before = (tmp_path / "run" / "log.csv").read_bytes()
+    with pytest.raises(RunExistsError, match=r"iteration 3.*--resume.*--run-dir.*--overwrite"):
+        Trainer(cfg.model_copy(update={"iterations": 1}), log=lambda m: None).fit()
+    assert (tmp_path / "run" / "log.csv").read_bytes() == before
+    assert load_checkpoint(tmp_path / "run")[1]["iteration"] == 3
+    said: list[str] = []
+    Trainer(cfg.model_copy(update={"iterations": 1}), overwrite=True, log=said.append).fit()
+    assert load_checkpoint(tmp_path / "run")[1]["iteration"] == 1
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(kept) == 1 and load_checkpoint(kept[0])[1]["iteration"] == 3
+    assert any("moved to" in m for m in said)
+
+
+def test_fit_command_refuses_with_exit_2_and_run_dir_trains_elsewhere(tmp_path, capsys):
+    import yaml
+
+    from train.__main__ import main
+
+    cfg = _tiny_config(tmp_path, iterations=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+    assert main(["fit", str(recipe)]) == 0
+    assert main(["fit", str(recipe)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["fit", str(recipe), "--run-dir", str(tmp_path / "other")]) == 0
+    assert json.loads((tmp_path / "other" / "checkpoint.json").read_text(encoding="utf-8"))["iteration"] == 2
+
+
+def test_without_a_terminal_training_logs_progress_with_rate_and_eta(tmp_path, monkeypatch):
+    """In a log file (no TTY) tqdm's bar is off; the trainer then says where it is, how fast and how long
+    it still takes — and the time limit counts training only, not the one-off cache."""
+    import time
+
+    import train.trainer as trainer_mod
+    from train.trainer import Trainer
+
+    monkeypatch.setattr(trainer_mod, "STATUS_EVERY_S", 0.0)
+    real_build = trainer_mod.build_cache
+
+    def slow_cache(*a, **kw):
+        time.sleep(2.0)
+        return real_build(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "build_cache", slow_cache)
+    said: list[str] = []
+    result = Trainer(_tiny_config(tmp_path, iterations=10_000, checkpoint_every=10_000), log=said.append).fit(
+        time_limit_s=1.5)
+    status = [m for m in said if m.startswith("iteration ") and "it/s" in m]
+    assert status and "ETA" in status[-1] and "/10000" in status[-1]
+    assert any(m.startswith("data ready in") for m in said)
+    assert result["iteration"] > 1  # the 2 s of caching did not eat the 1.5 s budget
