@@ -60,7 +60,7 @@ def train_tiny_model(workdir: Path, iterations: int = 300, augmentation: str = "
         seed=1,
     )
     Trainer(cfg, log=lambda m: None).fit()
-    return export_run(workdir / "run", workdir / model_id, log=lambda m: None)
+    return export_run(workdir / "run", workdir / model_id, log=lambda m: None, model_id=model_id, version="0.0.1")
 
 
 @pytest.fixture(scope="session")

@@ -862,7 +862,7 @@ def test_diagnose_tells_a_dead_checkpoint_from_a_live_one(tmp_path, capsys):
     Trainer(cfg).fit()
     run = tmp_path / "run"
     live = saturation_report(run, patches=2)
-    assert live["iteration"] == 6 and live["weights"] == "model" and live["patches"] == 2
+    assert live["iteration"] == 6 and live["weights"] == "raw" and live["patches"] == 2
     assert live["one_hot_share"] < 0.5 and live["verdict"].startswith("not saturated")
     assert live["gap_min"] < UNDERFLOW_GAP and sum(live["class_share"].values()) == pytest.approx(1.0)
     assert live["l2_gradient_norm"] == pytest.approx(2 * cfg.l2 * live["kernel_norm"]) and live["kernel_norm"] > 0
@@ -884,6 +884,12 @@ def test_diagnose_tells_a_dead_checkpoint_from_a_live_one(tmp_path, capsys):
     assert "dead for good" in capsys.readouterr().out
     assert main(["diagnose", str(run), "--patches", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["one_hot_share"] == 1.0
+    # one vocabulary with `export --weights ema|raw`; diagnose's old spelling "model" still works, with a note
+    assert main(["diagnose", str(run), "--patches", "1", "--json", "--weights", "model"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["weights"] == "raw" and "deprecated" in captured.err
+    with pytest.raises(SystemExit):
+        main(["diagnose", str(run), "--weights", "best"])
     assert main(["diagnose", str(tmp_path)]) == 2
     assert "holds no training checkpoint" in capsys.readouterr().err
     assert main(["diagnose", str(run), "--patches", "0"]) == 2

@@ -5,8 +5,8 @@ Examples::
     python -m train fit train/recipes/abdomen_ct_src_cpu.yaml            # train (checkpoints in output_dir)
     python -m train fit RECIPE --resume --time-limit 3000                 # continue a run for 50 min
     torchrun --nproc_per_node 2 -m train fit RECIPE                       # data-parallel (gloo/NCCL)
-    python -m train export runs/abdomen-ct-src Resources/Models/abdomen-ct
-    python -m train evaluate Resources/Models/abdomen-ct ../shared/data/Dataset502_AbdomenMRT2 --out eval/ct2mr
+    python -m train export runs/abdomen-ct-src models/my-abdomen-ct --id my-abdomen-ct
+    python -m train evaluate models/my-abdomen-ct ../shared/data/Dataset502_AbdomenMRT2 --out eval/ct2mr
     python -m train card-metrics cross_domain_mr=eval/ct2mr --note "…" --out metrics.json
     python -m train diagnose runs/abdomen-ct-src                          # is a dead run dead for good?
 """
@@ -31,6 +31,18 @@ def _parse_override(items: list[str]) -> dict:
 
         out[key] = yaml.safe_load(value)
     return out
+
+
+def _weights_choice(value: str) -> str:
+    """One vocabulary for which weights of a checkpoint: ``ema`` or ``raw`` (the optimiser's). ``model``
+    (the checkpoint's group name, once diagnose's spelling) is still accepted, with a note."""
+    value = value.lower()
+    if value == "model":
+        print("note: --weights model is deprecated; it means --weights raw (the optimiser's weights)", file=sys.stderr)
+        return "raw"
+    if value not in ("ema", "raw"):
+        raise argparse.ArgumentTypeError(f"invalid choice: '{value}' (choose ema or raw)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
     e.add_argument("--weights-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage type of the weights (float16 halves the package; loaded as float32)")
-    e.add_argument("--version", default="1.0.0", help="model version written to the card")
-    e.add_argument("--weights", choices=["ema", "raw"], default="ema",
+    e.add_argument("--id", dest="model_id", default=None,
+                   help="model id in the card (default: the run folder's name + '-it<iteration>'); a bundled "
+                        "model's id is refused unless --replace-bundled")
+    e.add_argument("--version", default=None, help="model version in the card (default: 0.0.0-it<iteration>)")
+    e.add_argument("--replace-bundled", action="store_true",
+                   help="allow a bundled model's id or folder (only to release a new version of that model)")
+    e.add_argument("--weights", type=_weights_choice, default="ema", metavar="{ema,raw}",
                    help="EMA weights (default) or the optimiser's current ones (after a late change of objective)")
     e.add_argument("--description", default=None, help="model card description (default: the recipe's)")
 
@@ -84,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diagnose", help="logit saturation of a run's checkpoint on training patches: whether a "
                                         "run that fell dead (loss at its ceiling, no gradient) can recover")
     d.add_argument("run_dir", help="the run's output folder (holds checkpoint.json)")
-    d.add_argument("--weights", choices=("model", "ema"), default="model",
-                   help="the optimiser's weights (default: what trains) or the EMA (what export packages)")
+    d.add_argument("--weights", type=_weights_choice, default="raw", metavar="{raw,ema}",
+                   help="the optimiser's weights (raw, default: what trains) or the EMA (what export packages); "
+                        "'model' is the deprecated spelling of raw")
     d.add_argument("--patches", type=int, default=4, help="training patches to look at (default 4)")
     d.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -115,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             perf = json.loads(Path(args.performance).read_text(encoding="utf-8")) if args.performance else None
             export_run(args.run_dir, args.destination, metrics, perf, overwrite=args.overwrite,
                        weights_dtype=args.weights_dtype, version=args.version, description=args.description,
-                       weights=args.weights)
+                       weights=args.weights, model_id=args.model_id, replace_bundled=args.replace_bundled)
             return 0
         if args.command == "evaluate":
             from .evaluate import evaluate_model

@@ -29,11 +29,12 @@ UNDERFLOW_GAP = 149 * math.log(2)
 HEALTHY_ONE_HOT = "85–99 % (median top-two gaps 600–3 200)"
 
 
-def saturation_report(run_dir: str | Path, weights: str = "model", patches: int = 4, seed: int = 0,
+def saturation_report(run_dir: str | Path, weights: str = "raw", patches: int = 4, seed: int = 0,
                       device: str = "cpu") -> dict[str, Any]:
     """Logit statistics of the checkpoint in ``run_dir`` on ``patches`` training patches.
 
-    ``weights``: ``"model"`` (the optimiser's, what trains on) or ``"ema"`` (what export packages).
+    ``weights``: ``"raw"`` (the optimiser's, what trains on) or ``"ema"`` (what export packages) — the
+    vocabulary of ``export``; ``"model"`` (the checkpoint's group name) is accepted as ``"raw"``.
     Returns iteration, weights, logit range, median and minimum top-two gap, the share of voxels with an
     exactly one-hot float32 softmax (no gradient), the share of voxels per predicted class, the weights'
     L2 norm and the gradient norm of the L2 penalty alone (what a dead run logs), and a one-line verdict.
@@ -42,8 +43,9 @@ def saturation_report(run_dir: str | Path, weights: str = "model", patches: int 
     from .trainer import CHECKPOINT_STATE, PatchSampler, Trainer, load_checkpoint
 
     run_dir = Path(run_dir)
-    if weights not in ("model", "ema"):
-        raise InputError(f"weights must be 'model' or 'ema', got {weights!r}")
+    weights = "raw" if weights == "model" else weights
+    if weights not in ("raw", "ema"):
+        raise InputError(f"weights must be 'raw' or 'ema', got {weights!r}")
     if not (run_dir / CHECKPOINT_STATE).is_file():
         raise InputError(f"{run_dir} holds no training checkpoint ({CHECKPOINT_STATE}); give the run's "
                                 f"output folder (the recipe's output_dir)")
@@ -59,7 +61,8 @@ def saturation_report(run_dir: str | Path, weights: str = "model", patches: int 
     trainer.prepare_data()
     trainer.build()
     model = trainer.model.float().to(memory_format=torch.contiguous_format)
-    model.load_state_dict({k: v.to(trainer.device) for k, v in groups[weights].items()})
+    group = "ema" if weights == "ema" else "model"  # the checkpoint's group names
+    model.load_state_dict({k: v.to(trainer.device) for k, v in groups[group].items()})
     model.eval()
     sampler = PatchSampler(trainer.train_data, trainer.patch_kji, cfg.foreground_oversampling,
                            np.random.default_rng(seed), cfg.landmark_sampling)

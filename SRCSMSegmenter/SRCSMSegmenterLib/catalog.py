@@ -7,6 +7,18 @@
 * **downloadable** — entries of ``Resources/Models/catalog.json`` (id, URL, sha256). Downloads are
   verified against the sha256 before anything is installed, and a zip that was fetched elsewhere can
   be installed offline (``srcsm models install FILE.zip``), verified the same way when its id is listed.
+  Any package zip can also be installed from a URL with its checksum
+  (``srcsm models install URL --sha256 HEX``).
+
+A user-installed model with a bundled model's id takes precedence over it; the entry says which bundled
+model it shadows, so that this never happens silently.
+
+``catalog.json`` format (``schema_version`` 1; ``models`` may be empty)::
+
+    {"schema_version": 1,
+     "models": [{"id": "my-model", "name": "…", "description": "…", "license": "…",
+                 "url": "https://…/my-model-1.0.0.zip", "sha256": "<64 hex digits of the zip>",
+                 "size_bytes": 12345678}]}
 
 Adding a model is a JSON edit (the catalogue is data, as in SlicerMONAIAuto3DSeg).
 """
@@ -15,10 +27,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -56,10 +71,17 @@ class CatalogEntry:
     path: Path | None
     card: ModelCard | None
     download: DownloadableModel | None = None
+    #: The bundled model this user-installed one hides (same id): a user's install takes precedence, which
+    #: must never happen unnoticed (``srcsm models list`` and ``install`` say so).
+    shadows: "CatalogEntry | None" = None
 
     @property
     def available(self) -> bool:
         return self.path is not None
+
+    @property
+    def version(self) -> str:
+        return self.card.version if self.card else "?"
 
 
 def default_user_home() -> Path:
@@ -127,14 +149,26 @@ class Catalog:
             out.append(CatalogEntry(id=pkg.card.id, name=pkg.card.name, origin=origin, path=p, card=pkg.card))
         return out
 
-    def entries(self) -> list[CatalogEntry]:
-        """Installed models first (a user's install overrides a bundled model of the same id)."""
+    def bundled_entries(self) -> list[CatalogEntry]:
+        """The models shipped with the extension (first folder wins for a repeated id)."""
         seen: dict[str, CatalogEntry] = {}
-        for entry in self._scan(self.user_models_dir, "installed"):
-            seen.setdefault(entry.id, entry)
         for d in self.bundled_dirs:
             for entry in self._scan(d, "bundled"):
                 seen.setdefault(entry.id, entry)
+        return list(seen.values())
+
+    def entries(self) -> list[CatalogEntry]:
+        """Installed models first (a user's install overrides a bundled model of the same id, and its
+        entry's ``shadows`` names the bundled one it hides)."""
+        seen: dict[str, CatalogEntry] = {}
+        for entry in self._scan(self.user_models_dir, "installed"):
+            seen.setdefault(entry.id, entry)
+        for entry in self.bundled_entries():
+            if entry.id in seen:
+                if seen[entry.id].origin == "installed" and seen[entry.id].shadows is None:
+                    seen[entry.id] = dataclasses.replace(seen[entry.id], shadows=entry)
+                continue
+            seen[entry.id] = entry
         for m in self.index().models:
             if m.id not in seen:
                 seen[m.id] = CatalogEntry(id=m.id, name=m.name, origin="downloadable", path=None, card=None, download=m)
@@ -163,7 +197,19 @@ class Catalog:
     # ------------------------------------------------------------------------- install/remove
     def install(self, source: str | os.PathLike[str], expected_sha256: str | None = None, overwrite: bool = False,
                 progress: Callable[[float, str], None] | None = None) -> CatalogEntry:
-        """Install from a local package (zip/folder), or a downloadable catalogue id (verified)."""
+        """Install from a local package (zip/folder), a downloadable catalogue id, or an ``http(s)://`` /
+        ``file://`` URL of a package zip (which needs ``expected_sha256``: a download is never trusted
+        unverified). Downloads are verified before anything is installed."""
+        if _is_url(str(source)):
+            if not expected_sha256:
+                raise ModelPackageError(
+                    f"Installing from a URL needs the package's sha256, so that a corrupted or tampered download "
+                    f"is refused: `srcsm models install {source} --sha256 HEX` (the publisher lists the checksum)."
+                )
+            if not _SHA256.fullmatch(expected_sha256.lower()):
+                raise ModelPackageError(f"--sha256 must be 64 hexadecimal digits, got '{expected_sha256}'.")
+            name = Path(urllib.parse.urlparse(str(source)).path).name or "model.zip"
+            return self._install_download(str(source), name, expected_sha256, overwrite, progress)
         p = Path(source)
         if p.exists():
             return self._install_local(p, expected_sha256, overwrite)
@@ -173,17 +219,21 @@ class Catalog:
                 f"'{source}' is neither a file nor a downloadable model id. Give the path of a model package "
                 f"(.zip or folder) or one of: {', '.join(m.id for m in self.index().models) or 'none listed'}."
             )
+        return self._install_download(entry.url, f"{entry.id}.zip", entry.sha256, overwrite, progress)
+
+    def _install_download(self, url: str, name: str, sha256: str, overwrite: bool,
+                          progress: Callable[[float, str], None] | None) -> CatalogEntry:
         self.user_home.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.user_home) as tmp:
-            target = Path(tmp) / f"{entry.id}.zip"
+            target = Path(tmp) / (name if name.endswith(".zip") else f"{name}.zip")
             try:
-                _download(entry.url, target, progress)
-            except OSError as exc:
+                _download(url, target, progress)
+            except (OSError, ValueError) as exc:  # URLError is an OSError; a malformed URL a ValueError
                 raise ModelPackageError(
-                    f"Could not download model '{entry.id}' from {entry.url} ({exc}). Check the network, or "
-                    f"download the zip elsewhere and run `srcsm models install FILE.zip`."
+                    f"Could not download a model from {url} ({exc}). Check the URL and the network, or "
+                    f"download the zip elsewhere and run `srcsm models install FILE.zip --sha256 HEX`."
                 ) from exc
-            return self._install_local(target, entry.sha256, overwrite)
+            return self._install_local(target, sha256, overwrite)
 
     def _install_local(self, path: Path, expected_sha256: str | None, overwrite: bool) -> CatalogEntry:
         if path.is_file():
@@ -218,7 +268,9 @@ class Catalog:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return CatalogEntry(id=pkg.card.id, name=pkg.card.name, origin="installed", path=dest, card=pkg.card)
+        shadowed = next((e for e in self.bundled_entries() if e.id == pkg.card.id), None)
+        return CatalogEntry(id=pkg.card.id, name=pkg.card.name, origin="installed", path=dest, card=pkg.card,
+                            shadows=shadowed)
 
     def remove(self, model_id: str) -> Path:
         dest = self.user_models_dir / model_id
@@ -231,8 +283,15 @@ class Catalog:
         return dest
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_url(text: str) -> bool:
+    return text.split("://", 1)[0].lower() in ("http", "https", "file") and "://" in text
+
+
 def _download(url: str, target: Path, progress: Callable[[float, str], None] | None) -> None:
-    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:  # noqa: S310 (https URLs from the catalogue)
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:  # noqa: S310 (verified by sha256 before use)
         total = int(response.headers.get("Content-Length") or 0)
         done = 0
         while True:

@@ -29,6 +29,7 @@ from .errors import ModelPackageError
 from .labels import LabelTable
 from .matching import SourceProfile
 from .normalization import Normalization
+from .plausibility import TrainingLabelStats
 
 SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"
@@ -106,6 +107,8 @@ class ModelCard(_Strict):
     provenance: Provenance
     metrics: dict[str, Any] = Field(default_factory=dict, description="measured accuracy, free form")
     performance: dict[str, Any] = Field(default_factory=dict, description="measured time/memory, free form")
+    training_label_stats: TrainingLabelStats | None = Field(
+        None, description="per-label volume ranges of the training labels (the plausibility check's data)")
     weights: WeightsSpec
 
     @field_validator("schema_version")
