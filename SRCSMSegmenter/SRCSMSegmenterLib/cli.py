@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="srcsm-demo", help="where to write the result (default: ./srcsm-demo)")
     d.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto")
     _add_common(d)
+
+    w = sub.add_parser("web", help="open the segmentation workflow in a browser (needs the 'web' extra)")
+    w.add_argument("--data", default=".", help="the folder the page loads volumes from and saves results into "
+                                              "(default: the current folder)")
+    w.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, this computer)")
+    w.add_argument("--port", type=int, default=8080, help="TCP port (default: 8080; 0: any free port)")
+    w.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback (the page has "
+                                                               "no login: trusted networks only)")
+    w.add_argument("--max-upload-mb", type=float, default=512.0, help="largest accepted upload (default: 512)")
     return parser
 
 
@@ -250,6 +259,13 @@ def cmd_demo(args: argparse.Namespace, reporter) -> int:
     return run_demo(Path(args.output_dir), device=args.device, reporter=reporter)
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from .web.server import serve  # trame is imported there, only for this command
+
+    return serve(args.data, host=args.host, port=args.port, allow_remote=args.allow_remote,
+                 max_upload_mb=args.max_upload_mb)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         try:  # a non-UTF-8 console (C locale, Windows code page) must not turn "≠" into a crash
@@ -272,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models(args)
         if args.command == "demo":
             return cmd_demo(args, reporter)
+        if args.command == "web":
+            return cmd_web(args)
     except CancelledError as exc:
         reporter.error(str(exc), "CancelledError")
         return 130
