@@ -440,8 +440,10 @@ class SRCSMSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._lastSegmentation = node
                 slicer.util.setSliceViewerLayers(background=job.request.input_node)
                 info = result.done or {}
-                self._setStatus(_("Done: '{name}' ({device}, {seconds} s).").format(
-                    name=node.GetName(), device=info.get("device", "?"), seconds=info.get("seconds", "?")))
+                status = _("Done: '{name}' ({device}, {seconds} s).").format(
+                    name=node.GetName(), device=info.get("device", "?"), seconds=info.get("seconds", "?"))
+                # the core's plausibility check (a wrong model for this anatomy…) travels in the done event
+                self._setStatus(" ".join([status, *map(str, info.get("warnings") or [])]))
                 self.ui.progressBar.setValue(1000)
         finally:
             self._runner = None

@@ -29,7 +29,7 @@ def env(tmp_path):
 
 def srcsm(*args, env, check_rc=None):
     proc = subprocess.run([sys.executable, "-m", "SRCSMSegmenterLib.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", timeout=600)
     if check_rc is not None:
         assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
     return proc
@@ -243,8 +243,11 @@ def test_bundled_model_is_listed_and_segments_the_other_domain(model_id, tmp_pat
     dataset, case, min_dice = BUNDLED_CROSS_DOMAIN[model_id]
     image = shared_data / dataset / "imagesTr" / f"{case}_0000.nii.gz"
     out = tmp_path / f"{case}.nii.gz"
-    srcsm("segment", image, out, "--model", model_id, "--device", "cpu", "--progress", "none", env=env,
-          check_rc=0)
+    proc = srcsm("segment", image, out, "--model", model_id, "--device", "cpu", "--progress", "none", env=env,
+                 check_rc=0)
+    # says which model ran on what, and a right result raises no plausibility warning (no false alarm)
+    assert f"Model {model_id} " in proc.stderr and "Input read as" in proc.stderr
+    assert "implausible" not in proc.stderr and "found none" not in proc.stderr, proc.stderr
     pred = read_volume(out)
     ref = read_volume(shared_data / dataset / "labelsTr" / f"{case}.nii.gz")
     assert pred.geometry.almost_equal(ref.geometry, 1e-4)
@@ -268,3 +271,130 @@ def test_demo_with_the_bundled_model(tmp_path):
     labelmap, segments = read_seg_nrrd(tmp_path / "demo" / "chaos_01_t2spir.seg.nrrd")
     assert [s["name"] for s in segments] == ["liver", "right kidney", "left kidney", "spleen"]
     assert set(np.unique(labelmap.array)) == {0, 1, 2, 3, 4}
+
+
+# ------------------------------------------------------------------------- what a new user trips over
+def test_wrong_anatomy_is_reported_with_the_fix(tmp_path, shared_data):
+    """A cardiac LGE image segmented without --model: the default (abdominal CT) model runs, and the run
+    says so — model, detected modality — and warns that the result is implausible, naming the fix."""
+    env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
+    env.pop("SRCSM_BUNDLED_MODELS", None)
+    image = shared_data / "Dataset504_CardiacLGE" / "imagesTr" / "pat_06_0000.nii.gz"
+    proc = srcsm("segment", image, tmp_path / "out.seg.nrrd", "--device", "cpu", "--progress", "json", env=env,
+                 check_rc=0)
+    events = [json.loads(line) for line in proc.stderr.splitlines()]  # every line is JSON
+    notes = [e["message"] for e in events if e["event"] == "message"]
+    assert any("abdomen-ct-srcsm" in n and "the default" in n and "Input read as MR" in n for n in notes), notes
+    warnings = [e["message"] for e in events if e["event"] == "message" and e["level"] == "warning"]
+    assert any("implausible" in w and "--model cardiac-bssfp-srcsm" in w for w in warnings), warnings
+    done = [e for e in events if e["event"] == "done"][0]
+    assert done["model"] == "abdomen-ct-srcsm" and done["target_modality"] == "MR"
+    assert any("--model cardiac-bssfp-srcsm" in w for w in done["warnings"])  # what the Slicer module shows
+
+
+def _walk_actions(parser, path=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk_actions(sub, path + (name,))
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+def test_every_option_has_help():
+    from SRCSMSegmenterLib.cli import build_parser
+
+    missing = [f"{' '.join(path)} {action.dest}" for path, action in _walk_actions(build_parser())
+               if not (action.help and action.help.strip())]
+    assert not missing, f"options without help text: {missing}"
+
+
+def test_models_info_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`srcsm models info X | head`: the reader leaves early; no BrokenPipe trace, no 'please report'."""
+    env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
+    env.pop("SRCSM_BUNDLED_MODELS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "SRCSMSegmenterLib.cli", "models", "info", "abdomen-ct-srcsm"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `head` that has read its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert err == "", err
+
+
+def test_models_info_is_a_readable_card(tmp_path):
+    env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
+    env.pop("SRCSM_BUNDLED_MODELS", None)
+    out = srcsm("models", "info", "abdomen-ct-srcsm", env=env, check_rc=0).stdout
+    assert "CT CT" not in out and "trained on:  CT —" in out
+    assert "{" not in out and '"' not in out  # no raw JSON
+    assert "mean Dice: 0.759" in out and "liver 0.731" in out  # the card's measured numbers, as words
+    assert "training label volumes (21 cases)" in out
+    mr = srcsm("models", "info", "abdomen-mr-srcsm", env=env, check_rc=0).stdout
+    assert "trained on:  MR (T2)" in mr
+
+
+def test_match_says_what_it_wrote(tmp_path, shared_data):
+    env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
+    env.pop("SRCSM_BUNDLED_MODELS", None)
+    image = shared_data / "Dataset502_AbdomenMRT2" / "imagesTr" / "chaos_02_0000.nii.gz"
+    out = tmp_path / "matched.nii.gz"
+    proc = srcsm("match", image, out, "--model", "abdomen-ct-srcsm", "--progress", "none", env=env, check_rc=0)
+    assert f"Wrote {out}" in proc.stderr and "CT intensities of abdomen-ct-srcsm" in proc.stderr
+    assert "Input read as MR" in proc.stderr
+    assert read_volume(out).geometry.almost_equal(read_volume(image).geometry, 1e-5)
+
+
+def test_dicom_series_choice_and_gap_in_the_json_stream(tmp_path, shared_data):
+    """A DICOM folder with two series, the larger one missing a slice: the run says which series it read
+    (and how to choose another) and that a slice is missing, in our words, as JSON lines only."""
+    from dicom_series import write_series
+
+    mr = sitk.ReadImage(str(shared_data / "Dataset502_AbdomenMRT2" / "imagesTr" / "chaos_02_0000.nii.gz"))
+    folder = tmp_path / "dicom"
+    write_series(mr, folder, "1.2.826.0.1.3680043.2.1125.77.1", "T2 SPIR axial", 6, 18, skip=(11,))
+    write_series(mr, folder, "1.2.826.0.1.3680043.2.1125.77.2", "localiser", 0, 3)
+    env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
+    env.pop("SRCSM_BUNDLED_MODELS", None)
+    proc = srcsm("match", folder, tmp_path / "m.nrrd", "--model", "abdomen-mr-srcsm", "--progress", "json",
+                 env=env, check_rc=0)
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert all(isinstance(e, dict) and "event" in e for e in events)
+    warnings = " ".join(e["message"] for e in events if e["event"] == "message" and e["level"] == "warning")
+    assert "2 DICOM series" in warnings and "'T2 SPIR axial'" in warnings and "--series UID" in warnings
+    assert "missing slice" in warnings and "WARNING: In" not in proc.stderr
+    assert read_volume(tmp_path / "m.nrrd").shape[0] == 11
+    small = srcsm("match", folder, tmp_path / "s.nrrd", "--model", "abdomen-mr-srcsm", "--series",
+                  "1.2.826.0.1.3680043.2.1125.77.2", "--progress", "none", env=env, check_rc=0)
+    assert "DICOM series" not in small.stderr and read_volume(tmp_path / "s.nrrd").shape[0] == 3
+
+
+def test_json_mode_wraps_raw_library_output(tmp_path, shared_data):
+    """Whatever reaches the process's stderr in --progress json mode (a C++ library writing to fd 2, a
+    Python warning) arrives as a JSON message event, never as a raw line."""
+    from dicom_series import write_series
+
+    mr = sitk.ReadImage(str(shared_data / "Dataset502_AbdomenMRT2" / "imagesTr" / "chaos_02_0000.nii.gz"))
+    write_series(mr, tmp_path / "gap", "1.2.826.0.1.3680043.2.1125.77.1", "T2", 6, 12, skip=(8,))
+    script = f"""
+import os, warnings, SimpleITK as sitk
+from SRCSMSegmenterLib.progress import ProgressReporter, json_stderr
+reporter = ProgressReporter("json")
+with json_stderr(reporter):
+    reporter(0.5, "working")
+    r = sitk.ImageSeriesReader()
+    r.SetFileNames(r.GetGDCMSeriesFileNames({str(tmp_path / "gap")!r}))
+    r.Execute()  # ITK's own raw warning about the missing slice, straight to fd 2
+    os.write(2, b"raw line from C code\\n")
+    warnings.warn("a library's Python warning")
+    reporter.done(output="x")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8",
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    texts = " ".join(e.get("message", "") for e in events if e["event"] == "message")
+    assert "raw line from C code" in texts and "a library's Python warning" in texts
+    assert "missing slices" in texts  # ITK's text, wrapped
+    assert events[-1]["event"] == "done"

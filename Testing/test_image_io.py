@@ -211,3 +211,72 @@ def test_write_refuses_to_overwrite_unless_asked(tmp_path, shared_data):
     with pytest.raises(InputError, match="already exists"):
         write_volume(vol, target, overwrite=False)
     assert target.read_bytes() == b"user data"
+
+
+# ----------------------------------------------------------------------------------- DICOM series
+SERIES_A, SERIES_B = "1.2.826.0.1.3680043.2.1125.77.1", "1.2.826.0.1.3680043.2.1125.77.2"
+
+
+@pytest.fixture(scope="module")
+def mr_sitk(shared_data):
+    return sitk.ReadImage(str(_mr_path(shared_data)))
+
+
+def _assert_lies_where_the_source_does(vol, source: sitk.Image) -> None:
+    """Physical check: voxels of the read series hold the source's values at the same world points."""
+    src = sitk.GetArrayViewFromImage(source)
+    shape = vol.shape
+    for kji in [(0, 0, 0), (shape[0] - 1, 100, 130), (shape[0] // 2, 200, 40), (1, 128, 128)]:
+        world = vol.geometry.index_to_physical(np.array(kji[::-1], float))
+        i, j, k = np.rint(source.TransformPhysicalPointToContinuousIndex(world.tolist())).astype(int)
+        assert np.allclose(source.TransformContinuousIndexToPhysicalPoint([float(i), float(j), float(k)]), world,
+                           atol=1e-3)
+        assert vol.array[kji] == src[k, j, i]
+
+
+def test_dicom_folder_with_two_series_says_which_it_reads(tmp_path, mr_sitk):
+    from dicom_series import write_series
+
+    write_series(mr_sitk, tmp_path, SERIES_A, "T2 SPIR axial", 8, 20)
+    write_series(mr_sitk, tmp_path, SERIES_B, "localiser", 0, 4)
+    notes: list[str] = []
+    vol = read_volume(tmp_path, report=notes.append)
+    assert vol.shape[0] == 12
+    _assert_lies_where_the_source_does(vol, mr_sitk)
+    assert len(notes) == 1
+    assert "2 DICOM series" in notes[0] and "'T2 SPIR axial'" in notes[0] and "12 slices" in notes[0]
+    assert SERIES_A in notes[0] and SERIES_B in notes[0] and "'localiser'" in notes[0] and "4 slices" in notes[0]
+    assert "--series" in notes[0]
+    notes.clear()
+    small = read_volume(tmp_path, series=SERIES_B, report=notes.append)
+    assert small.shape[0] == 4 and not notes
+    _assert_lies_where_the_source_does(small, mr_sitk)
+    with pytest.raises(InputError, match="no DICOM series with UID 1.2.3") as exc:
+        read_volume(tmp_path, series="1.2.3")
+    assert SERIES_A in str(exc.value) and SERIES_B in str(exc.value)
+    with pytest.raises(InputError, match="is a file"):
+        read_volume(_mr_path(_shared_data_root()), series=SERIES_A)
+
+
+def _shared_data_root():
+    from conftest import SHARED_DATA
+
+    return SHARED_DATA
+
+
+def test_dicom_missing_slice_is_our_message_not_itks(tmp_path, mr_sitk, capfd):
+    from dicom_series import write_series
+
+    write_series(mr_sitk, tmp_path, SERIES_A, "T2 SPIR axial", 8, 20, skip=(13,))
+    notes: list[str] = []
+    vol = read_volume(tmp_path, report=notes.append)
+    assert vol.shape[0] == 11
+    err = capfd.readouterr().err
+    assert "WARNING" not in err and "itk" not in err.lower(), err  # ITK's raw text never reaches stderr
+    assert len(notes) == 1 and "missing slice" in notes[0] and "Re-export the complete series" in notes[0]
+    spacing = mr_sitk.GetSpacing()[2]
+    assert f"{spacing:.3g} mm apart" in notes[0] and f"{2 * spacing:.3g} mm between slices" in notes[0]
+    # the same series complete raises no such note
+    notes.clear()
+    write_series(mr_sitk, tmp_path / "complete", SERIES_A, "T2 SPIR axial", 8, 20)
+    assert read_volume(tmp_path / "complete", report=notes.append).shape[0] == 12 and notes == []

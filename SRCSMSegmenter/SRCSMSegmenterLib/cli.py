@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ from .errors import CancelledError, InputError, ModelPackageError, SRCSMError
 DEFAULT_MODEL = "abdomen-ct-srcsm"
 SEG_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+DEVICE_HELP = ("where the network runs: auto (CUDA, then Apple MPS, then the CPU; the default), cpu, gpu (this "
+               "platform's GPU: CUDA on Linux/Windows, MPS on macOS), cuda or mps")
+PRECISION_HELP = ("numeric precision of the network: auto (fp16 on a GPU, bf16 on CPUs with native bf16, else "
+                  "fp32; the default), fp32, bf16 or fp16 (GPU only)")
+SERIES_HELP = "SeriesInstanceUID to read when INPUT is a DICOM folder with several series (default: the largest)"
+MODEL_HELP = f"catalogue id (see `srcsm models list`) or package folder/.zip (default: {DEFAULT_MODEL})"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -40,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="NIfTI, NRRD, MHA file or a DICOM series folder")
     s.add_argument("output", help="OUTPUT.seg.nrrd (segments with names/colours/terminology) or a labelmap "
                                    ".nii.gz/.nrrd/.mha")
-    s.add_argument("--model", default=None, help=f"catalogue id or package path (default: {DEFAULT_MODEL})")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    s.add_argument("--series", default=None, metavar="UID", help=SERIES_HELP)
     s.add_argument("--no-source-matching", action="store_true", help="skip source matching (SM)")
     s.add_argument("--target-modality", choices=["auto", "CT", "MR"], default="auto",
                    help="modality of the INPUT (decides the SM preprocessing rule); auto: CT if it holds HU air")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto", help=DEVICE_HELP)
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=PRECISION_HELP)
     s.add_argument("--keep-largest", action="store_true", help="keep only the largest component of each label")
     s.add_argument("--roi-ras", type=float, nargs=6, metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
                    help="limit the work to a box given by two opposite corners in RAS millimetres")
@@ -53,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
 
     m = sub.add_parser("match", help="write the source-matched image (what the network sees, before normalisation)")
-    m.add_argument("input")
-    m.add_argument("output", help=".nii.gz, .nrrd or .mha")
-    m.add_argument("--model", default=None, help=f"catalogue id or package path (default: {DEFAULT_MODEL})")
-    m.add_argument("--target-modality", choices=["auto", "CT", "MR"], default="auto")
-    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("input", help="NIfTI, NRRD, MHA file or a DICOM series folder")
+    m.add_argument("output", help="the source-matched image: .nii.gz, .nrrd or .mha")
+    m.add_argument("--model", default=None, help=MODEL_HELP + "; its source profile is matched to")
+    m.add_argument("--series", default=None, metavar="UID", help=SERIES_HELP)
+    m.add_argument("--target-modality", choices=["auto", "CT", "MR"], default="auto",
+                   help="modality of the INPUT (decides the SM preprocessing rule); auto: CT if it holds HU air")
+    m.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     _add_common(m)
 
     ms = sub.add_parser("models", help="list, inspect, install or remove model packages")
@@ -66,17 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--json", action="store_true", help="machine-readable output")
     mi = msub.add_parser("info", help="the model card of a model")
     mi.add_argument("model", help="catalogue id or package path")
-    mi.add_argument("--json", action="store_true")
-    mn = msub.add_parser("install", help="install a model: a package .zip/folder (offline) or a downloadable id")
-    mn.add_argument("source")
-    mn.add_argument("--sha256", default=None, help="expected sha256 of the zip (verified before installing)")
-    mn.add_argument("--overwrite", action="store_true")
+    mi.add_argument("--json", action="store_true", help="the whole card as JSON (machine-readable)")
+    mn = msub.add_parser("install", help="install a model: a package .zip/folder (offline), a downloadable id "
+                                         "of the catalogue, or a URL of a package zip")
+    mn.add_argument("source", help="package .zip or folder, a downloadable id (`srcsm models list`), or an "
+                                   "https:// URL of a package zip (needs --sha256)")
+    mn.add_argument("--sha256", default=None, metavar="HEX",
+                    help="expected sha256 of the zip, verified before installing (required for a URL)")
+    mn.add_argument("--overwrite", action="store_true", help="replace an installed model with the same id")
     mr = msub.add_parser("remove", help="remove a user-installed model")
-    mr.add_argument("model")
+    mr.add_argument("model", help="id of a user-installed model (bundled models cannot be removed)")
 
     d = sub.add_parser("demo", help="segment the bundled MR sample with the bundled CT-trained model")
     d.add_argument("--output-dir", default="srcsm-demo", help="where to write the result (default: ./srcsm-demo)")
-    d.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto")
+    d.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto", help=DEVICE_HELP)
     _add_common(d)
 
     w = sub.add_parser("web", help="open the segmentation workflow in a browser (needs the 'web' extra)")
@@ -150,6 +165,34 @@ class _CancelOnSignal:
         return self.flag
 
 
+def _announce(package, volume, args: argparse.Namespace, reporter, source_matching: bool) -> str:
+    """Decide the input's modality once (the segmenter then uses exactly this) and say which model runs on
+    what: a wrong model or modality must be visible before the work, not found in the result."""
+    from .matching import guess_modality
+    from .model_info import run_summary
+
+    detected = args.target_modality == "auto"
+    modality = guess_modality(volume.array) if detected else args.target_modality
+    reporter.message(run_summary(package.card, modality, detected, source_matching,
+                                 default_model=args.model is None), "info")
+    return modality
+
+
+def _plausibility_warnings(labelmap, package, roi: bool) -> list[str]:
+    """The core's plausibility check, naming the other catalogue models as the fix."""
+    from .model_info import source_text
+    from .plausibility import Alternative, check_segmentation
+
+    try:
+        alternatives = [Alternative(e.id, e.card.anatomy, source_text(e.card)) for e in _catalog().entries()
+                        if e.card is not None]
+    except SRCSMError:  # a malformed catalogue must not cost the user the result
+        alternatives = []
+    card = package.card
+    return check_segmentation(labelmap, card.labels, card.training_label_stats, card.id, card.anatomy, roi=roi,
+                              alternatives=alternatives)
+
+
 # ---------------------------------------------------------------------------------- commands
 def cmd_segment(args: argparse.Namespace, reporter) -> int:
     from .image import read_volume
@@ -161,13 +204,15 @@ def cmd_segment(args: argparse.Namespace, reporter) -> int:
     _check_output(out, args.overwrite, Path(args.input))
     package = _catalog().resolve(args.model or DEFAULT_MODEL)
     reporter(0.0, "Reading the input")
-    volume = read_volume(args.input)
+    volume = read_volume(args.input, series=args.series, report=lambda text: reporter.message(text, "warning"))
+    modality = _announce(package, volume, args, reporter, source_matching=not args.no_source_matching)
     segmenter = Segmenter(package, device=args.device, precision=args.precision, progress=reporter,
                           cancel=_CancelOnSignal())
     result = segmenter.segment(volume, source_matching=not args.no_source_matching,
-                               target_modality=args.target_modality, keep_largest=args.keep_largest,
+                               target_modality=modality, keep_largest=args.keep_largest,
                                roi_bounds=_roi_bounds(args.roi_ras))
-    for msg in result.messages:
+    warnings = list(result.messages) + _plausibility_warnings(result.labelmap, package, roi=args.roi_ras is not None)
+    for msg in warnings:
         reporter.message(msg, "warning")
     if kind == "seg":
         write_seg_nrrd(result.labelmap, package.card.labels, out, overwrite=True)
@@ -176,7 +221,7 @@ def cmd_segment(args: argparse.Namespace, reporter) -> int:
     counts = {lab.name: int((result.labelmap.array == lab.value).sum()) for lab in package.card.labels.labels}
     reporter.done(output=str(out.resolve()), model=package.id, device=result.device, precision=result.precision,
                   source_matching=result.source_matching, seconds=round(result.timings["total_s"], 2),
-                  voxels=counts)
+                  voxels=counts, target_modality=modality, warnings=warnings)
     if reporter.mode != "json":
         print(f"Wrote {out} ({package.id}, {result.device}/{result.precision}, "
               f"{result.timings['total_s']:.1f} s)", file=sys.stderr)
@@ -191,11 +236,15 @@ def cmd_match(args: argparse.Namespace, reporter) -> int:
     _check_output(out, args.overwrite, Path(args.input))
     package = _catalog().resolve(args.model or DEFAULT_MODEL)
     reporter(0.1, "Reading the input")
-    volume = read_volume(args.input)
+    volume = read_volume(args.input, series=args.series, report=lambda text: reporter.message(text, "warning"))
+    modality = _announce(package, volume, args, reporter, source_matching=True)
     reporter(0.5, "Source matching")
-    matched = match(volume, package.card.source_profile, args.target_modality)
+    matched = match(volume, package.card.source_profile, modality)
     write_volume(matched, out, overwrite=True)
-    reporter.done(output=str(out.resolve()), model=package.id)
+    reporter.done(output=str(out.resolve()), model=package.id, target_modality=modality)
+    if reporter.mode != "json":
+        print(f"Wrote {out}: the input ({modality}) mapped onto the {package.card.source.modality} intensities of "
+              f"{package.id} {package.card.version} — what its network sees before normalisation.", file=sys.stderr)
     return 0
 
 
@@ -208,6 +257,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                                "path": str(e.path) if e.path else None,
                                "modality": e.card.source.modality if e.card else None,
                                "labels": e.card.labels.names() if e.card else None,
+                               "version": e.card.version if e.card else None,
+                               "shadows": ({"origin": e.shadows.origin, "version": e.shadows.version,
+                                            "path": str(e.shadows.path)} if e.shadows else None),
                                "url": e.download.url if e.download else None} for e in entries], indent=2))
             return 0
         if not entries:
@@ -217,7 +269,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         for e in entries:
             what = (f"{e.card.source.modality:<3} {', '.join(e.card.labels.names())}" if e.card
                     else (e.download.description if e.download else "unreadable package"))
-            print(f"{e.id:<{width}}  {e.origin:<12} {what}")
+            print(f"{e.id:<{width}}  {e.origin:<12} {e.version:<8} {what}")
+            if e.shadows is not None:
+                print(f"{'':<{width}}  ↳ hides the bundled {e.id} {e.shadows.version} ({e.shadows.path}); "
+                      f"`srcsm models remove {e.id}` brings it back")
         return 0
     if args.models_command == "info":
         card = cat.resolve(args.model).card
@@ -226,29 +281,29 @@ def cmd_models(args: argparse.Namespace) -> int:
             data["source_profile"] = {k: v for k, v in data["source_profile"].items() if k not in ("values", "cdf")}
             print(json.dumps(data, indent=2))
             return 0
-        print(f"{card.name}  [{card.id} {card.version}]")
-        print(f"  {card.description}")
-        print(f"  source: {card.source.modality}{' ' + card.source.sequence if card.source.sequence else ''}; "
-              f"anatomy: {card.anatomy}")
-        print("  labels: " + ", ".join(f"{lab.value} {lab.name}" for lab in card.labels.labels))
-        print(f"  grid: {card.spacing} mm, patch {card.patch_size}; network {card.network.architecture}")
-        print(f"  training: {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
-              f"{card.provenance.date}")
-        for d in card.training_data:
-            print(f"  data: {d.name} ({d.cases} cases) — terms: {d.terms}")
-        print(f"  licence: {card.license}")
-        if card.metrics:
-            print("  metrics: " + json.dumps(card.metrics))
-        if card.performance:
-            print("  performance: " + json.dumps(card.performance))
+        from .model_info import model_card_text
+
+        entry = next((e for e in cat.entries() if e.id == args.model), None) if not Path(args.model).exists() else None
+        print(model_card_text(card, entry.origin if entry else "", entry.path if entry else Path(args.model)))
+        if entry is not None and entry.shadows is not None:
+            print(f"\n  This installed model hides the bundled '{entry.id}' {entry.shadows.version} "
+                  f"({entry.shadows.path}); `srcsm models remove {entry.id}` brings the bundled one back.")
         return 0
     if args.models_command == "install":
         entry = cat.install(args.source, expected_sha256=args.sha256, overwrite=args.overwrite)
-        print(f"Installed '{entry.id}' to {entry.path}")
+        print(f"Installed '{entry.id}' {entry.version} to {entry.path}")
+        if entry.shadows is not None:
+            print(f"warning: it has the id of the bundled model '{entry.id}' {entry.shadows.version} and hides it: "
+                  f"`--model {entry.id}` now means the installed one. `srcsm models remove {entry.id}` brings the "
+                  f"bundled one back; re-export with its own id (`python -m train export … --id NEW-ID`) to keep "
+                  f"both.", file=sys.stderr)
         return 0
     if args.models_command == "remove":
         path = cat.remove(args.model)
         print(f"Removed '{args.model}' ({path})")
+        bundled = next((e for e in cat.bundled_entries() if e.id == args.model), None)
+        if bundled is not None:
+            print(f"'{args.model}' is now the bundled model again ({bundled.version}, {bundled.path}).")
         return 0
     return 1
 
@@ -273,12 +328,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (AttributeError, ValueError):
             pass
     args = build_parser().parse_args(argv)
-    from .progress import ProgressReporter
+    from .progress import ProgressReporter, json_stderr
 
     mode = getattr(args, "progress", "none")
     if mode == "bar" and not sys.stderr.isatty():
         mode = "none"  # no carriage-return garbage in logs
     reporter = ProgressReporter(mode)
+    try:
+        with json_stderr(reporter):  # --progress json: every stderr line a JSON object, library output too
+            code = _dispatch(args, reporter)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The Python docs' recipe (library/signal, "Note on SIGPIPE"): the reader of our output is gone, which
+        # is not an error to report; point stdout at devnull so the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1  # what Python itself exits with on EPIPE
+
+
+def _dispatch(args: argparse.Namespace, reporter) -> int:
     try:
         if args.command == "segment":
             return cmd_segment(args, reporter)
@@ -299,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, ModelPackageError, SRCSMError) as exc:
         reporter.error(str(exc), type(exc).__name__)
         return 2
+    except BrokenPipeError:
+        raise  # stdout's reader left: main() exits quietly
     except MemoryError:
         reporter.error("Out of memory. Use a region of interest (--roi-ras) or a machine with more RAM.",
                        "MemoryError")

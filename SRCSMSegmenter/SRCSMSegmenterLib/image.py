@@ -15,7 +15,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -140,25 +140,133 @@ def is_image_path(path: Path) -> bool:
     return any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
-def _read_sitk(path: Path) -> sitk.Image:
+#: Slice gaps this much larger than the usual slice distance are reported (a missing slice).
+SLICE_GAP_TOLERANCE = 0.1
+
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series of a DICOM folder, as a user recognises it (description, UID, slice count)."""
+
+    uid: str
+    description: str
+    files: tuple[str, ...]
+
+    def describe(self) -> str:
+        desc = f"'{self.description}'" if self.description else "(no description)"
+        return f"{desc} {self.uid}, {len(self.files)} slice{'s' if len(self.files) != 1 else ''}"
+
+
+@contextlib.contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK prints its warnings straight to the process's stderr (raw text that would break the CLI's JSON
+    progress stream); where we read, we check for those conditions ourselves and report them in words."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def dicom_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
+    """The DICOM series in ``folder``, largest first."""
+    reader = sitk.ImageSeriesReader()
+    out = []
+    with _itk_warnings_off():
+        for uid in reader.GetGDCMSeriesIDs(str(folder)):
+            files = tuple(reader.GetGDCMSeriesFileNames(str(folder), uid))
+            description = ""
+            try:
+                head = sitk.ImageFileReader()
+                head.SetFileName(files[0])
+                head.ReadImageInformation()
+                if head.HasMetaDataKey("0008|103e"):
+                    description = head.GetMetaData("0008|103e").strip()
+            except RuntimeError:
+                pass
+            out.append(DicomSeries(uid, description, files))
+    return sorted(out, key=lambda s: -len(s.files))
+
+
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, image: sitk.Image, series: DicomSeries,
+                         report: Report) -> None:
+    """Report uneven slice positions (a missing slice) in our own words: ITK reads the series as if its
+    slices were evenly spaced at the mean distance, so the geometry beyond a gap is off."""
+    n = image.GetSize()[2]
+    if n < 3:
+        return
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+    except (RuntimeError, ValueError):
+        return  # no ImagePositionPatient: nothing to check against
+    steps = np.diff(pos @ normal)
+    usual = float(np.median(np.abs(steps)))
+    if usual <= 0:
+        return
+    worst = int(np.argmax(np.abs(np.abs(steps) - usual)))
+    if abs(abs(steps[worst]) - usual) <= SLICE_GAP_TOLERANCE * usual:
+        return
+    gap = abs(float(steps[worst]))
+    what = "a missing slice?" if gap > usual else "overlapping or duplicated slices?"
+    report(
+        f"The DICOM series {series.describe()} has uneven slice positions: its slices are {usual:.3g} mm apart, but "
+        f"{gap:.3g} mm between slices {worst + 1} and {worst + 2} ({what}). It is read as evenly spaced at "
+        f"{image.GetSpacing()[2]:.3g} mm, so the result is misplaced by up to {abs(gap - usual):.3g} mm along the "
+        f"slice axis. Re-export the complete series from the scanner or PACS."
+    )
+
+
+def _read_dicom_folder(path: Path, series_uid: str | None, report: Report) -> sitk.Image:
+    series = dicom_series(path)
+    if not series:
+        raise InputError(
+            f"'{path}' is a folder but holds no DICOM series. Point to a DICOM series folder, or to "
+            f"an image file ({', '.join(IMAGE_SUFFIXES)})."
+        )
+    if series_uid is not None:
+        chosen = next((s for s in series if s.uid == series_uid), None)
+        if chosen is None:
+            raise InputError(
+                f"'{path}' holds no DICOM series with UID {series_uid}. Its series: "
+                + "; ".join(s.describe() for s in series) + ". Pass one of these UIDs to --series."
+            )
+    else:
+        # The largest series is what a user almost always means (localisers are small) — but say so.
+        chosen = series[0]
+        if len(series) > 1:
+            report(
+                f"'{path.name}' holds {len(series)} DICOM series; using the largest, {chosen.describe()}. The "
+                f"others: " + "; ".join(s.describe() for s in series[1:]) + ". Choose one with --series UID."
+            )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(chosen.files))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    with _itk_warnings_off():
+        image = reader.Execute()
+    if image.GetDimension() == 3:
+        _check_slice_spacing(reader, image, chosen, report)
+    return image
+
+
+def _warn(text: str) -> None:
+    import warnings
+
+    warnings.warn(text, stacklevel=3)
+
+
+def _read_sitk(path: Path, series_uid: str | None = None, report: Report | None = None) -> sitk.Image:
     if not path.exists():
         raise InputError(f"Input not found: '{path}'. Check the path (and that the drive is mounted).")
+    if series_uid is not None and not path.is_dir():
+        raise InputError(f"--series selects a series of a DICOM folder, but '{path.name}' is a file. Drop "
+                         f"--series, or give the DICOM folder.")
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(
-                    f"'{path}' is a folder but holds no DICOM series. Point to a DICOM series folder, or to "
-                    f"an image file ({', '.join(IMAGE_SUFFIXES)})."
-                )
-            if len(series) > 1:
-                # The largest series is what a user almost always means (localisers are small).
-                files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
-            else:
-                files = reader.GetGDCMSeriesFileNames(str(path), series[0])
-            reader.SetFileNames(files)
-            return reader.Execute()
+            return _read_dicom_folder(path, series_uid, report or _warn)
         if not is_image_path(path):
             raise InputError(
                 f"'{path.name}' has an unsupported file type. Use NIfTI (.nii/.nii.gz), NRRD (.nrrd), "
@@ -229,10 +337,15 @@ def validate_array(array: np.ndarray, source: str = "the input") -> None:
         )
 
 
-def read_volume(path: str | os.PathLike[str]) -> Volume:
-    """Read a 3D scalar image (NIfTI, NRRD, MHA or a DICOM series folder) with its geometry."""
+def read_volume(path: str | os.PathLike[str], series: str | None = None, report: Report | None = None) -> Volume:
+    """Read a 3D scalar image (NIfTI, NRRD, MHA or a DICOM series folder) with its geometry.
+
+    ``series``: the SeriesInstanceUID to read from a DICOM folder (default: the largest series, said
+    through ``report``). ``report`` receives what a user should know but that does not stop the read
+    (which series of several, a missing slice); default: a Python warning.
+    """
     path = Path(path)
-    image = _read_sitk(path)
+    image = _read_sitk(path, series, report)
     validate_image(image, f"'{path.name}'")
     volume = Volume.from_sitk(image)
     validate_array(volume.array, f"'{path.name}'")

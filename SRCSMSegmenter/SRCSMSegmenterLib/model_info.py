@@ -9,6 +9,7 @@ catalogue is data); nothing is hard-coded per model here.
 from __future__ import annotations
 
 import html
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,92 @@ def _nested(value: Any, depth: int = 0) -> str:
     return _fmt_value(value)
 
 
+def source_text(card: ModelCard) -> str:
+    """"CT", or "MR (T2-SPIR)" — the sequence only when it says more than the modality."""
+    seq = card.source.sequence
+    return card.source.modality + (f" ({seq})" if seq and seq.strip().upper() != card.source.modality else "")
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, (list, tuple)) and not any(isinstance(v, (dict, list)) for v in value):
+        return ", ".join(_text_value(v) for v in value)
+    return str(value)
+
+
+_WORDS = {"dice": "Dice", "assd": "ASSD", "hd95": "HD95", "mr": "MR", "ct": "CT", "t2": "T2", "roi": "ROI",
+          "chaos": "CHAOS", "btcv": "BTCV", "lge": "LGE", "bssfp": "bSSFP", "cpu": "CPU", "gpu": "GPU"}
+
+
+def _key_text(key: Any) -> str:
+    """``mean_assd_mm`` → ``mean ASSD (mm)``: card keys as words."""
+    words = str(key).split("_")
+    unit = words.pop() if len(words) > 1 and words[-1] in ("mm", "s", "ml", "gb", "mb") else None
+    text = " ".join(_WORDS.get(w.lower(), w) for w in words)
+    return f"{text} ({unit.replace('gb', 'GB').replace('mb', 'MB')})" if unit else text
+
+
+def _text_tree(value: Any, indent: str) -> list[str]:
+    """A free-form metrics/performance dict as indented lines; keys' underscores read as spaces."""
+    lines = []
+    for key, v in value.items():
+        name = _key_text(key)
+        if isinstance(v, dict) and v and all(not isinstance(x, (dict, list)) for x in v.values()) and len(v) <= 6:
+            lines.append(f"{indent}{name}: " + ", ".join(f"{_key_text(k)} {_text_value(x)}" for k, x in v.items()))
+        elif isinstance(v, dict):
+            lines.append(f"{indent}{name}:")
+            lines.extend(_text_tree(v, indent + "  ") if v else [f"{indent}  none recorded"])
+        else:
+            lines.extend(textwrap.wrap(f"{name}: {_text_value(v)}", 100, initial_indent=indent,
+                                       subsequent_indent=indent + "  "))
+    return lines
+
+
+def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None) -> str:
+    """The model card as plain text (``srcsm models info``): the same content as :func:`model_card_html`."""
+    spacing = " × ".join(f"{s:g}" for s in card.spacing)
+    out = [f"{card.name}", f"  id {card.id}, version {card.version}"
+           + (f" ({origin}{', ' + str(path) if path else ''})" if origin else ""),
+           "", *textwrap.wrap(card.description, 100, initial_indent="  ", subsequent_indent="  "), "",
+           f"  anatomy:     {card.anatomy}",
+           f"  trained on:  {source_text(card)} — source matching maps other images onto this",
+           "  labels:      " + ", ".join(f"{lab.value} {lab.name}" for lab in card.labels.labels),
+           f"  model grid:  {spacing} mm, patch {' × '.join(map(str, card.patch_size))}, "
+           f"network {card.network.architecture}",
+           f"  training:    {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
+           f"{card.provenance.date}",
+           f"  licence:     {card.license}"]
+    post = getattr(card, "postprocessing", None)
+    if post is not None:
+        out.append(f"  default clean-up: {post.describe()}" + (f" ({post.chosen_by})" if post.chosen_by else ""))
+    for d in card.training_data:
+        out.append(f"  data:        {d.name}" + (f", {d.cases} cases" if d.cases else "") + f" — terms: {d.terms}")
+    stats = card.training_label_stats
+    if stats is not None:
+        out.append(f"  training label volumes ({stats.cases} cases): " + "; ".join(
+            f"{name} {s.volume_ml[0]:.0f}–{s.volume_ml[1]:.0f} ml" for name, s in stats.labels.items()))
+    out += ["", "  measured accuracy:"] + (_text_tree(card.metrics, "    ") or ["    none recorded"])
+    out += ["", "  expected time and memory:"] + (_text_tree(card.performance, "    ") or ["    none recorded"])
+    return "\n".join(out)
+
+
+def run_summary(card: ModelCard, modality: str, detected: bool, source_matching: bool,
+                default_model: bool = False) -> str:
+    """What a run is about to do, in one sentence: which model (and whether it was the default) and how the
+    input is read — shown before the work starts, so that a wrong model or modality is seen, not guessed."""
+    model = (f"Model {card.id} {card.version}: {card.anatomy} ({', '.join(card.labels.names())}), trained on "
+             f"{source_text(card)}" + (" — the default; choose another with --model" if default_model else ""))
+    how = "detected from its intensities; set it with --target-modality" if detected else "as given"
+    if source_matching:
+        action = f"source-matched to the model's {card.source.modality} intensities"
+    else:
+        action = "not source-matched"
+    return f"{model}. Input read as {modality} ({how}), {action}."
+
+
 def _swatch(color: tuple[float, float, float]) -> str:
     r, g, b = (round(c * 255) for c in color)
     return f"<span style='background-color:#{r:02x}{g:02x}{b:02x}'>&nbsp;&nbsp;&nbsp;&nbsp;</span>"
@@ -106,7 +193,7 @@ def model_card_html(card: ModelCard | None, origin: str = "", download: Download
                     + (f"<p><b>Licence:</b> {_e(download.license)}</p>" if download.license else ""))
         return (f"<h3>Unreadable model package</h3><p>The package at <code>{_e(path)}</code> could not be read. "
                 f"Run <code>srcsm models info {_e(path)}</code> for the reason, and reinstall it.</p>")
-    src = card.source.modality + (f" ({card.source.sequence})" if card.source.sequence else "")
+    src = source_text(card)
     labels = "".join(
         f"<li>{_swatch(lab.color)} {lab.value}: {_e(lab.name)} "
         f"<small>(SNOMED-CT {_e(lab.terminology.type.code)} {_e(lab.terminology.type.meaning)}"
@@ -142,4 +229,5 @@ def model_card_html(card: ModelCard | None, origin: str = "", download: Download
     return "\n".join(parts)
 
 
-__all__ = ["ModelChoice", "choice_from_entry", "list_models", "model_card_html"]
+__all__ = ["ModelChoice", "choice_from_entry", "list_models", "model_card_html", "model_card_text", "run_summary",
+           "source_text"]

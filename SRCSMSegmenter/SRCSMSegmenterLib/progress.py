@@ -7,14 +7,21 @@ runner parses; keep it stable:
 * ``{"event": "message", "level": "warning", "message": "..."}``
 * ``{"event": "done", "output": "/path/result.seg.nrrd", ...}``
 * ``{"event": "error", "message": "...", "type": "InputError"}``
+
+In JSON mode *every* stderr line is such an object: :func:`json_stderr` wraps whatever else reaches
+the process's stderr (a Python warning, a C++ library's message) into ``message`` events, so that a
+parser never meets a stray line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 
 class ProgressReporter:
@@ -26,10 +33,12 @@ class ProgressReporter:
         self._last = -1.0
         self._last_t = 0.0
         self._bar = None
+        self._lock = threading.Lock()
 
     def _emit(self, obj: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(obj) + "\n")
-        self.stream.flush()
+        with self._lock:  # json_stderr's reader thread emits too: never interleave two lines
+            self.stream.write(json.dumps(obj) + "\n")
+            self.stream.flush()
 
     def __call__(self, fraction: float, message: str) -> None:
         fraction = max(0.0, min(1.0, float(fraction)))
@@ -50,12 +59,15 @@ class ProgressReporter:
             self._bar.refresh()
 
     def message(self, text: str, level: str = "info") -> None:
+        """A note or warning. Shown in every mode — ``none`` silences the progress, not what the user must
+        know (which model ran, a doubtful result)."""
         if self.mode == "json":
             self._emit({"event": "message", "level": level, "message": text})
-        elif self.mode == "bar":
+        else:
             self.close()
-            self.stream.write(f"{level}: {text}\n" if level != "info" else f"{text}\n")
-            self.stream.flush()
+            with self._lock:
+                self.stream.write(f"{level}: {text}\n" if level != "info" else f"{text}\n")
+                self.stream.flush()
 
     def done(self, **info: Any) -> None:
         self.close()
@@ -74,3 +86,56 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+@contextlib.contextmanager
+def json_stderr(reporter: ProgressReporter) -> Iterator[None]:
+    """While active, the process's stderr (file descriptor 2) is a pipe whose lines become ``message``
+    events, and ``reporter`` writes to the real stderr.
+
+    Why at the descriptor level: ITK, torch and other C/C++ code write to fd 2 directly, around
+    ``sys.stderr``; a raw line among the JSON events would be a protocol error for the Slicer module.
+    Does nothing unless ``reporter`` is in JSON mode and stderr is a real file descriptor.
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. replaced by an in-memory stream
+        fd = -1
+    if reporter.mode != "json" or fd < 0 or reporter.stream is not sys.stderr:
+        yield
+        return
+    sys.stderr.flush()
+    real = os.fdopen(os.dup(fd), "w", encoding="utf-8", errors="backslashreplace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    reporter.stream = real
+
+    def forward() -> None:
+        with os.fdopen(read_end, "r", encoding="utf-8", errors="backslashreplace") as pipe:
+            for line in pipe:
+                text = line.rstrip()
+                if not text:
+                    continue
+                try:
+                    obj = json.loads(text)
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict) and "event" in obj:
+                    reporter._emit(obj)  # already a protocol line (e.g. a child process's)
+                else:
+                    reporter.message(text, "warning")
+
+    thread = threading.Thread(target=forward, name="srcsm-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(real.fileno(), fd)  # closes the pipe's last write end: the reader sees EOF
+        thread.join(timeout=5)
+        reporter.stream = sys.stderr
+        real.close()

@@ -125,3 +125,30 @@ def test_segment_editor_button_forgets_a_deleted_result(srcsm_module, slicer_app
     assert w._editableSegmentation() is None and w._lastSegmentation is None
     w.onEditInSegmentEditor()
     assert not selected.calls  # nothing to edit: the Segment Editor is not opened on a removed node
+
+
+def test_finished_job_shows_the_plausibility_warning(srcsm_module, slicer_app, monkeypatch):
+    """The core's plausibility warning (e.g. the abdominal model on a heart, `test_cli.py`'s
+    test_wrong_anatomy_is_reported_with_the_fix) arrives in the done event; the status must show it, not
+    bury it under "Done"."""
+    import contextlib
+
+    import slicer
+
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **k: None, raising=False)
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext(), raising=False)
+    w = _bare_widget(srcsm_module)
+    w._updateGui = lambda: None
+    node = types.SimpleNamespace(GetName=lambda: "pat_06 segmentation")
+    w.logic = types.SimpleNamespace(core=types.SimpleNamespace(import_result=lambda job, result: node))
+    w._job = types.SimpleNamespace(request=types.SimpleNamespace(input_node=None), cleanup=lambda: None)
+    warning = ("The result looks implausible for the model 'abdomen-ct-srcsm' (abdomen): liver 66 ml, far smaller "
+               "than in any training case. … choose a model for it: `--model cardiac-bssfp-srcsm` (heart, MR).")
+    result = types.SimpleNamespace(status="succeeded", succeeded=True, message="", details="",
+                                   done={"device": "cpu", "seconds": 3.0, "warnings": [warning]})
+
+    w._onFinished(result)
+
+    text = w.ui.statusLabel.text
+    assert text.startswith("Done: 'pat_06 segmentation' (cpu, 3.0 s).") and warning in text
