@@ -52,7 +52,7 @@ def web_server(mr_data_dir, tmp_path):
     log = open(tmp_path / "server.log", "wb")
     env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow")
     proc = subprocess.Popen([sys.executable, "-m", "SRCSMSegmenterLib.cli", "web", "--data", str(mr_data_dir),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             "--port", str(port), "--max-upload-mb", "3"], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
@@ -116,11 +116,13 @@ def test_browser_preview_segment_paint_save(web_server, mr_data_dir, mr_relative
             # 2. The model card of the chosen model is on the page.
             page.get_by_text("Model card").click()
             page.wait_for_selector("#srcsm-model-card >> text=liver", timeout=10_000)
+            page.get_by_text("Model card").click()  # fold it again, to see the charts
 
             # 3. Preview source matching: three charts, drawn from the module's plot tables.
             page.click("#srcsm-preview")
             page.wait_for_function("document.querySelectorAll('#srcsm-charts svg').length === 3", timeout=60_000)
             assert page.locator("#srcsm-charts polyline.srcsm-series").count() == 4
+            page.locator("#srcsm-charts").scroll_into_view_if_needed()
             time.sleep(2)  # let the matched view's new frame arrive
             _shot(page, tmp_path, "web_preview")
 
@@ -170,6 +172,19 @@ def test_browser_preview_segment_paint_save(web_server, mr_data_dir, mr_relative
             page.click("#srcsm-overwrite-no")
             page.wait_for_selector("#srcsm-overwrite-dialog", state="detached", timeout=10_000)
             assert first.read_bytes() == content
+
+            # 7. Upload: a file over the limit (3 MiB here) is refused in the page; the case is stored
+            #    under uploads/ and loaded.
+            big = tmp_path / "big.nii.gz"
+            big.write_bytes(b"\0" * (4 * 2**20))
+            page.locator("#srcsm-upload").set_input_files(str(big))
+            page.wait_for_function("document.querySelector('#srcsm-error')?.innerText.includes('upload limit')",
+                                   timeout=20_000)
+            page.locator("#srcsm-upload").set_input_files(str(mr_data_dir / mr_relative))
+            page.wait_for_function("document.querySelector('#srcsm-files')?.innerText.includes('uploads/')",
+                                   timeout=60_000)
+            page.wait_for_function("document.querySelector('#srcsm-info')?.innerText.includes('Loaded')",
+                                   timeout=60_000)
             assert not errors, errors
         finally:
             browser.close()
@@ -192,3 +207,6 @@ def test_browser_preview_segment_paint_save(web_server, mr_data_dir, mr_relative
     changed = after.array != before.array
     assert np.all(after.array[changed] == 1)  # painting liver only ever adds liver
     assert not [p.name for p in mr_data_dir.iterdir() if p.name.startswith(".")]  # no partial files
+    uploaded = mr_data_dir / "uploads" / Path(mr_relative).name
+    assert uploaded.read_bytes() == (mr_data_dir / mr_relative).read_bytes()
+    assert [p.name for p in (mr_data_dir / "uploads").iterdir()] == [uploaded.name]  # nothing of big.nii.gz

@@ -292,8 +292,8 @@ class SRCSMWebApp(TrameApp):
         st = self.state
         st[S["segmented"]] = True
         st[S["save_name"]] = self.workflow.default_output_stem()
-        extra = f" {' '.join(job.messages)}" if job.messages else ""
-        self._ok(f"Segmented: '{node.GetName()}'. {job.message}.{extra} Correct it with the segment editor, then save.")
+        st[S["job_message"]] = " ".join([f"{job.message}.", *job.messages])
+        self._ok(f"Segmented: '{node.GetName()}'. Correct it with the segment editor (left), then save.")
 
     def save(self, overwrite: bool = False) -> Any:
         """Save the segmentation into the data folder; ask before replacing files."""

@@ -55,14 +55,14 @@ class SRCSMWebUI:
 
     def __init__(self, server: Any, layout_manager: Any, upload_trigger: str) -> None:
         ctrl = server.controller
-        with ViewerLayout(server, title="SRCSM Segmenter", is_drawer_visible=False) as self.layout:
+        with ViewerLayout(server, title="SRCSM Segmenter", is_drawer_visible=True) as self.layout:
             self.layout.title.set_text("SRCSM Segmenter — segmentation across domains")
             with self.layout.drawer:
                 self.segment_editor = SegmentEditorUI()
             drawer = self.layout.typed_state.name.is_drawer_visible
             with self.layout.toolbar:
                 ControlButton(icon="mdi-layers-edit", name="Segment editor", classes="mt-1",
-                              click=f"{drawer} = !{drawer}", disabled=(f"!{S['segmented']}",))
+                              click=f"{drawer} = !{drawer}", disabled=(f"!{S['loaded']}",))
                 SegmentEditorToolbarUI(editor_ui=self.segment_editor)
             with self.layout.undo_redo:
                 SegmentEditorUndoRedoUI(editor_ui=self.segment_editor)
