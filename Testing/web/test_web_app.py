@@ -240,3 +240,41 @@ def test_dicom_series_folder_loads_at_the_same_world_positions(app, mr_data_dir,
     world = loaded.geometry.index_to_physical(kji[:, ::-1].astype(float))
     ijk = np.rint(source.geometry.physical_to_index(world)).astype(int)
     assert np.array_equal(loaded.array[tuple(kji.T)], source.array[ijk[:, 2], ijk[:, 1], ijk[:, 0]])
+
+
+def test_editor_effects_on_the_result(app, mr_relative):
+    """Erase, islands and smoothing of trame-slicer's editor act on the model's segmentation; undo restores."""
+    from scipy import ndimage
+    from SRCSMSegmenterLib.web.app import INPUT_VIEW
+    from trame_slicer.segmentation import (
+        SegmentationEffectErase,
+        SegmentationEffectIslands,
+        SegmentationEffectSmoothing,
+    )
+
+    app.load(mr_relative)
+    assert app.segment() and app.wait_job(timeout=600) == "succeeded", app.state["srcsm_error"]
+    editor, stack = app.segmentation_editor, app.segment_editor_logic._undo_stack
+
+    def mask(sid="Segment_1"):
+        return editor.get_segment_labelmap(sid, as_numpy_array=True) > 0
+
+    start = mask()
+    editor.set_active_segment_id("Segment_1")
+    editor.set_active_effect_type(SegmentationEffectErase)
+    _drag(app.view(INPUT_VIEW), (0.1, 0.5), (0.9, 0.5))
+    erased = mask()
+    assert erased.sum() < start.sum() and not np.any(erased & ~start)  # erasing only removes
+
+    islands = editor.set_active_effect_type(SegmentationEffectIslands)
+    islands.keep_largest_island()
+    largest = mask()
+    assert ndimage.label(largest)[1] == 1 and not np.any(largest & ~erased)
+
+    smoothing = editor.set_active_effect_type(SegmentationEffectSmoothing)
+    smoothing.apply_median_smoothing(9.0, "Segment_1")
+    assert not np.array_equal(mask(), largest)
+
+    for _ in range(3):
+        stack.undo()
+    assert np.array_equal(mask(), start)
