@@ -209,6 +209,25 @@ def test_upload_and_bad_paths(app, mr_data_dir, mr_relative):
     assert app.scene.GetNumberOfNodes() == scene_nodes  # a refused path clears nothing
     assert app.state["srcsm_loaded"] == relative
 
+    # A damaged file: the reader's words (what is wrong, what to do), nothing loaded.
+    (mr_data_dir / "damaged.nii.gz").write_bytes(b"\x1f\x8b" + bytes(range(256)) * 40)  # broken gzip
+    assert app.load("damaged.nii.gz") is None
+    assert "damaged.nii.gz" in app.state["srcsm_error"] and "re-export" in app.state["srcsm_error"]
+    assert app.state["srcsm_loaded"] == relative
+
+
+def test_an_unexpected_failure_reaches_the_page(app, mr_relative, monkeypatch):
+    """The page's actions never fail silently: a bug becomes a message asking for a report."""
+    app.load(mr_relative)
+
+    def broken(*_args, **_kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(app.workflow, "preview", broken)
+    app.ctrl.srcsm_preview()
+    assert "Unexpected error: ZeroDivisionError" in app.state["srcsm_error"]
+    assert "report" in app.state["srcsm_error"]
+
 
 def test_dicom_series_folder_loads_at_the_same_world_positions(app, mr_data_dir, mr_relative):
     import SimpleITK as sitk

@@ -18,6 +18,7 @@ runs is refused with a message.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -44,6 +45,7 @@ MATCHED_VIEW = "Matched"
 CORONAL_VIEW = "Green"
 UPLOAD_TRIGGER = "srcsm_upload"
 POLL_SECONDS = 0.25
+logger = logging.getLogger(__name__)
 
 
 def page_layout() -> Layout:
@@ -130,7 +132,11 @@ class SRCSMWebApp(TrameApp):
 
         def action(method: Any) -> Any:
             def call(*args: Any) -> None:
-                method(*args)
+                try:
+                    method(*args)
+                except Exception as exc:  # noqa: BLE001 — a bug must reach the page as words, not vanish
+                    logger.exception("srcsm web: %s failed", getattr(method, "__name__", "action"))
+                    self._fail(RuntimeError(f"Unexpected error: {exc!r}. Please report it with the server's log."))
             return call
 
         ctrl = self.ctrl

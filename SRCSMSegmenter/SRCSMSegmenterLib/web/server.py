@@ -77,8 +77,9 @@ def serve(data: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
         from trame.app import get_server
 
         web = app_module.SRCSMWebApp(folder, server=get_server("srcsm_web", client_type="vue3"))
-        print(f"srcsm web: serving {folder.root} on http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr,
-              flush=True)
+        web.ctrl.on_server_ready.add(lambda **_: print(
+            f"srcsm web: serving {folder.root} on http://{host}:{web.server.port}/ (Ctrl-C stops)",
+            file=sys.stderr, flush=True))  # the real port, also when --port 0 let the system choose
         web.server.start(host=host, port=port, open_browser=False, timeout=0, show_connection_info=False)
     finally:
         sys.argv = argv
