@@ -83,6 +83,8 @@ class SRCSMSegmenterParameterNode:
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     roi: vtkMRMLMarkupsROINode
     outputSegmentation: vtkMRMLSegmentationNode
+    #: Remove stray islands; set from the model card's clean-up when a model is chosen (selectModel).
+    cleanUp: bool = False
 
 
 #
@@ -133,7 +135,17 @@ class SRCSMSegmenterLogic(ScriptedLoadableModuleLogic):
         return SegmentationRequest(
             input_node=parameterNode.inputVolume, model_id=parameterNode.modelId,
             source_matching=parameterNode.sourceMatching, device=parameterNode.device,
-            roi_node=parameterNode.roi, output_node=parameterNode.outputSegmentation, overwrite=overwrite)
+            roi_node=parameterNode.roi, output_node=parameterNode.outputSegmentation, overwrite=overwrite,
+            clean_up=parameterNode.cleanUp)
+
+    @staticmethod
+    def selectModel(parameterNode, choice) -> None:
+        """Choose a model: its id, and the clean-up checkbox as its card prescribes (the user may
+        change it afterwards; it is reset only when another model is chosen)."""
+        from SRCSMSegmenterLib.module_logic import clean_up_default
+
+        parameterNode.modelId = choice.id
+        parameterNode.cleanUp = clean_up_default(choice.card)
 
 
 def ensurePythonPackages(inProcessOnly: bool) -> bool:
@@ -311,11 +323,15 @@ class SRCSMSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, index: int) -> None:
         modelId = self.ui.modelComboBox.itemData(index) if index >= 0 else ""
-        if self._parameterNode is not None and modelId and self._parameterNode.modelId != modelId:
-            self._parameterNode.modelId = modelId
         choice = self._models.get(modelId)
+        if self._parameterNode is not None and choice is not None and self._parameterNode.modelId != modelId:
+            self.logic.selectModel(self._parameterNode, choice)
         if choice is not None:
             self.ui.modelCardBrowser.setHtml(choice.card_html())
+            card = choice.card
+            what = (card.postprocessing.describe() if card is not None and card.postprocessing.method != "none"
+                    else _("keep the largest component of each label"))
+            self.ui.cleanUpCheckBox.text = _("remove stray islands ({what})").format(what=what)
 
     def onInstallDependencies(self) -> None:
         if ensurePythonPackages(inProcessOnly=False):

@@ -9,6 +9,9 @@ Examples::
     python -m train evaluate models/my-abdomen-ct ../shared/data/Dataset502_AbdomenMRT2 --out eval/ct2mr
     python -m train card-metrics cross_domain_mr=eval/ct2mr --note "…" --out metrics.json
     python -m train diagnose runs/abdomen-ct-src                          # is a dead run dead for good?
+    python -m train robustness Resources/Models/abdomen-ct-srcsm ../shared/data/Dataset501_AbdomenCT --out rob/ct
+    python -m train robustness --report rob/ct rob/ct2mr --markdown docs/robustness.md
+    python -m train choose-postprocessing Resources/Models/abdomen-ct-srcsm ../shared/data/Dataset501_AbdomenCT
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--patches", type=int, default=4, help="training patches to look at (default 4)")
     d.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .robustness_cli import add_parsers
+
+    add_parsers(sub)  # robustness, choose-postprocessing
     return p
 
 
@@ -159,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 entries[key] = Path(folder)
             print(write_card_metrics(entries, Path(args.out), args.note))
             return 0
+        if args.command in ("robustness", "choose-postprocessing"):
+            from .robustness_cli import run
+
+            return run(args)
     except CancelledError as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 130

@@ -42,6 +42,19 @@ def landmark_bounds(reference: Volume, extent_mm: np.ndarray) -> tuple[np.ndarra
     return centre - extent_mm / 2, centre + extent_mm / 2
 
 
+def check_label_values(package, dataset) -> dict[int, str]:
+    """The model's label names by value, after checking that the dataset uses the same values (a
+    model scored against another label numbering would measure nothing)."""
+    model_names = {lab.value: lab.name for lab in package.card.labels.labels}
+    target_names = dataset.label_values
+    if sorted(model_names) != sorted(target_names):
+        raise ValueError(
+            f"the model predicts labels {model_names} but the dataset has {target_names}; evaluate on a dataset "
+            f"with the same label values"
+        )
+    return model_names
+
+
 def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    split: str = "all", sm: str = "both", device: str = "auto", limit: int | None = None,
                    keep_largest: bool = False, landmark: bool = False, log=print) -> dict:
@@ -52,13 +65,7 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
     cases = dataset.split(split)[: limit or None]
     out = Path(out_dir)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
-    model_names = {lab.value: lab.name for lab in package.card.labels.labels}
-    target_names = dataset.label_values
-    if sorted(model_names) != sorted(target_names):
-        raise ValueError(
-            f"the model predicts labels {model_names} but the dataset has {target_names}; evaluate on a dataset "
-            f"with the same label values"
-        )
+    model_names = check_label_values(package, dataset)
     settings = [SETTINGS[s] for s in (("on", "off") if sm == "both" else (sm,))]
     if landmark:
         settings.append(LANDMARK)

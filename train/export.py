@@ -135,6 +135,9 @@ def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, 
         "normalization": norm.model_dump(mode="json"),
         "source_profile": profile.model_dump(mode="json"),
         "inference": {"overlap": 0.5, "blend_mode": "gaussian", "pre_smoothing_mm": config.pre_smoothing_mm},
+        # no clean-up until one is chosen on validation cases: `python -m train choose-postprocessing
+        # PACKAGE DATASET --write-card` (train/choose_postprocessing.py)
+        "postprocessing": {"method": "none"},
         "provenance": {
             "augmentation": config.augmentation,
             "iterations": int(state["iteration"]),

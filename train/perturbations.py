@@ -15,8 +15,8 @@ perturbed image can be scored against the perturbed reference in that image's ow
   over its thickness; σ = √(new² − old²) / 2.355 per axis).
 * ``flip_i``, ``flip_k`` — the voxel array reversed along an axis and the direction matrix and origin
   changed to match: the same physical image stored differently.
-* ``oblique_<deg>`` — the image resampled onto a grid rotated by ``deg`` about the world x axis and
-  the y axis (half each), like a tilted acquisition.
+* ``oblique_<deg>`` — the image resampled onto a grid rotated by ``deg`` about the world axis halfway
+  between x and y, like a doubly oblique acquisition.
 * ``scale_1e4``  — float intensities ×10⁴ (header-scaled MR, e.g. Philips scale slopes).
 * ``raw_hu``     — a CT published clipped to a HU window turned back into scanner-like raw HU: voxels at
   the window's floor become noisy air (−1024…−880 HU), those at its ceiling bone up to 1500 HU, both a
@@ -203,12 +203,13 @@ def respace(image: Volume, label: Volume, spacing: tuple[float | None, float | N
     return resample_pair(image, label, g, shape)
 
 
-def rotation(angle_deg: float) -> np.ndarray:
-    """Rotation by ``angle_deg`` split evenly between the world x and y axes (a compound tilt)."""
-    a = math.radians(angle_deg / 2)
-    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    ry = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
-    return ry @ rx
+def rotation(angle_deg: float, axis: tuple[float, float, float] = (1.0, 1.0, 0.0)) -> np.ndarray:
+    """Rotation by ``angle_deg`` about a world ``axis`` (default: halfway between x and y, so both the
+    in-plane and the slice direction tilt — a doubly oblique acquisition). Rodrigues' formula."""
+    u = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = math.radians(angle_deg)
+    k = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
+    return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)
 
 
 def oblique(image: Volume, label: Volume, angle_deg: float = 25.0) -> tuple[Volume, Volume]:

@@ -56,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modality of the INPUT (decides the SM preprocessing rule); auto: CT if it holds HU air")
     s.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto", help=DEVICE_HELP)
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=PRECISION_HELP)
-    s.add_argument("--keep-largest", action="store_true", help="keep only the largest component of each label")
+    clean = s.add_mutually_exclusive_group()
+    clean.add_argument("--postprocess", default="card", metavar="card|none|keep-largest|min-volume:MM3",
+                       help="clean-up of the result: the model card's default (card, the default), none, the "
+                            "largest component of each label, or drop components under MM3 cubic millimetres")
+    clean.add_argument("--keep-largest", dest="postprocess", action="store_const", const="keep-largest",
+                       help="keep only the largest component of each label (= --postprocess keep-largest)")
+    clean.add_argument("--no-keep-largest", dest="postprocess", action="store_const", const="none",
+                       help="no clean-up, whatever the model card says (= --postprocess none)")
     s.add_argument("--roi-ras", type=float, nargs=6, metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
                    help="limit the work to a box given by two opposite corners in RAS millimetres")
     s.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -202,14 +209,17 @@ def cmd_segment(args: argparse.Namespace, reporter) -> int:
     out = Path(args.output)
     kind = _output_kind(out)
     _check_output(out, args.overwrite, Path(args.input))
+    from .postprocess import resolve as resolve_postprocessing
+
     package = _catalog().resolve(args.model or DEFAULT_MODEL)
+    postprocessing = resolve_postprocessing(package.card.postprocessing, args.postprocess)
     reporter(0.0, "Reading the input")
     volume = read_volume(args.input, series=args.series, report=lambda text: reporter.message(text, "warning"))
     modality = _announce(package, volume, args, reporter, source_matching=not args.no_source_matching)
     segmenter = Segmenter(package, device=args.device, precision=args.precision, progress=reporter,
                           cancel=_CancelOnSignal())
     result = segmenter.segment(volume, source_matching=not args.no_source_matching,
-                               target_modality=modality, keep_largest=args.keep_largest,
+                               target_modality=modality, postprocessing=postprocessing,
                                roi_bounds=_roi_bounds(args.roi_ras))
     warnings = list(result.messages) + _plausibility_warnings(result.labelmap, package, roi=args.roi_ras is not None)
     for msg in warnings:
@@ -220,7 +230,8 @@ def cmd_segment(args: argparse.Namespace, reporter) -> int:
         write_labelmap(result.labelmap, out, overwrite=True)
     counts = {lab.name: int((result.labelmap.array == lab.value).sum()) for lab in package.card.labels.labels}
     reporter.done(output=str(out.resolve()), model=package.id, device=result.device, precision=result.precision,
-                  source_matching=result.source_matching, seconds=round(result.timings["total_s"], 2),
+                  source_matching=result.source_matching, postprocessing=result.postprocessing,
+                  seconds=round(result.timings["total_s"], 2),
                   voxels=counts, target_modality=modality, warnings=warnings)
     if reporter.mode != "json":
         print(f"Wrote {out} ({package.id}, {result.device}/{result.precision}, "

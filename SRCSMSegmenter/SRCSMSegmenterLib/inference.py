@@ -26,6 +26,8 @@ from .image import Volume, validate_array
 from .matching import Modality, guess_modality, match
 from .modelpackage import ModelPackage
 from .normalization import Normalization, default_normalization, normalize
+from .postprocess import PostProcessing, keep_largest_components  # noqa: F401 (re-exported)
+from .postprocess import apply as apply_postprocessing
 from .preprocessing import Grid, argmax_in_target_grid, model_grid, to_model_grid
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class SegmentationResult:
     normalization: Normalization
     timings: dict[str, float] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    postprocessing: str = "none"  # the clean-up applied (PostProcessing.cli_value())
 
 
 def count_windows(image_size: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
@@ -56,24 +59,6 @@ def count_windows(image_size: tuple[int, ...], roi_size: tuple[int, ...], overla
         interval = max(1, int(roi * (1 - overlap)))
         total *= math.ceil((img - roi) / interval) + 1
     return total
-
-
-def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray:
-    """Keep, for each label value, only its largest 26-connected component (in place)."""
-    from scipy import ndimage
-
-    structure = np.ones((3, 3, 3), dtype=bool)
-    for value in values:
-        mask = labels == value
-        if not mask.any():
-            continue
-        comp, n = ndimage.label(mask, structure=structure)
-        if n <= 1:
-            continue
-        sizes = np.bincount(comp.ravel())
-        sizes[0] = 0
-        labels[(comp != int(np.argmax(sizes))) & mask] = 0
-    return labels
 
 
 class Segmenter:
@@ -170,8 +155,13 @@ class Segmenter:
 
     def segment(self, volume: Volume, source_matching: bool = True,
                 target_modality: Modality | Literal["auto"] = "auto", keep_largest: bool = False,
-                roi_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> SegmentationResult:
-        """Segment ``volume``; the labelmap has exactly the input's geometry and shape."""
+                roi_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+                postprocessing: PostProcessing | None = None) -> SegmentationResult:
+        """Segment ``volume``; the labelmap has exactly the input's geometry and shape.
+
+        ``postprocessing`` is the clean-up to apply (front ends pass the card's default, resolved
+        against the user's choice by :func:`.postprocess.resolve`); without it, ``keep_largest``.
+        """
         timings: dict[str, float] = {}
         messages: list[str] = []
         t0 = time.perf_counter()
@@ -210,15 +200,18 @@ class Segmenter:
         self.progress(0.83, "Resampling probabilities to the input grid")
         labels = self._argmax_in_input_grid(probs.numpy(), grid, volume)
         timings["resample_back_s"] = time.perf_counter() - t2
-        if keep_largest:
-            self.progress(0.96, "Keeping the largest component of each label")
-            keep_largest_components(labels, [lab.value for lab in self.card.labels.labels])
+        if postprocessing is None:
+            postprocessing = PostProcessing(method="keep_largest" if keep_largest else "none")
+        if postprocessing.method != "none":
+            self.progress(0.96, f"Clean-up: {postprocessing.describe()}")
+            apply_postprocessing(labels, [lab.value for lab in self.card.labels.labels], postprocessing,
+                                 volume.geometry.spacing)
         timings["total_s"] = time.perf_counter() - t0
         self.progress(1.0, "Done")
         return SegmentationResult(
             labelmap=Volume(labels, volume.geometry),
             device=str(device), precision=precision, source_matching=source_matching,
-            normalization=norm, timings=timings, messages=messages,
+            normalization=norm, timings=timings, messages=messages, postprocessing=postprocessing.cli_value(),
         )
 
     def _argmax_in_input_grid(self, probs: np.ndarray, grid: Grid, volume: Volume) -> np.ndarray:

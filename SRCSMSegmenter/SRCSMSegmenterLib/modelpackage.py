@@ -29,6 +29,7 @@ from .errors import ModelPackageError
 from .labels import LabelTable
 from .matching import SourceProfile
 from .normalization import Normalization
+from .postprocess import PostProcessing
 from .plausibility import TrainingLabelStats
 
 SCHEMA_VERSION = 1
@@ -104,6 +105,9 @@ class ModelCard(_Strict):
     normalization: Normalization
     source_profile: SourceProfile
     inference: InferenceSpec = InferenceSpec()
+    postprocessing: PostProcessing = Field(
+        PostProcessing(), description="default clean-up of the predictions, chosen on validation cases "
+                                      "(cards without it: none)")
     provenance: Provenance
     metrics: dict[str, Any] = Field(default_factory=dict, description="measured accuracy, free form")
     performance: dict[str, Any] = Field(default_factory=dict, description="measured time/memory, free form")

@@ -96,7 +96,9 @@ class SegmentationRequest:
     output_node: Any = None  # None: create a new segmentation node
     overwrite: bool = False  # may the output node's existing segments be replaced?
     target_modality: TargetModality = "auto"
-    keep_largest: bool = False
+    #: Clean up islands? None: the model card's default; True: the card's clean-up, or the largest
+    #: component of each label when the card has none; False: no clean-up (see :func:`postprocess_option`).
+    clean_up: bool | None = None
 
 
 @dataclass
@@ -175,13 +177,28 @@ def _world_bounds(node: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.array(b[0::2]), np.array(b[1::2])
 
 
+def clean_up_default(card: Any) -> bool:
+    """The clean-up checkbox's state for a model: checked when its card prescribes a clean-up."""
+    return card is not None and card.postprocessing.method != "none"
+
+
+def postprocess_option(request: SegmentationRequest, card: Any) -> str:
+    """The ``srcsm segment --postprocess`` value for a request (module docstring of :mod:`.postprocess`)."""
+    if request.clean_up is None:
+        return "card"
+    if not request.clean_up:
+        return "none"
+    return card.postprocessing.cli_value() if clean_up_default(card) else "keep-largest"
+
+
 def build_segment_command(python: str, input_path: Path, output_path: Path, model_path: Path,
                           request: SegmentationRequest,
-                          roi: tuple[float, ...] | None = None) -> list[str]:
+                          roi: tuple[float, ...] | None = None, card: Any = None) -> list[str]:
     """The background command line: ``python -m SRCSMSegmenterLib.cli segment … --progress json``.
 
     The model is passed by its package path, so the process uses exactly the package whose card
-    the user saw (not whatever another catalogue would resolve the id to).
+    the user saw (not whatever another catalogue would resolve the id to); ``card`` is that card
+    (for the clean-up the user's checkbox means).
     """
     if request.device not in {d for d, _ in DEVICE_CHOICES}:
         raise InputError(f"Unknown device '{request.device}'. Choose one of "
@@ -193,8 +210,7 @@ def build_segment_command(python: str, input_path: Path, output_path: Path, mode
     ]
     if not request.source_matching:
         command.append("--no-source-matching")
-    if request.keep_largest:
-        command.append("--keep-largest")
+    command += ["--postprocess", postprocess_option(request, card)]
     if roi is not None:
         command += ["--roi-ras", *(repr(float(v)) for v in roi)]
     return command
@@ -337,7 +353,8 @@ class SRCSMModuleLogic:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         output_path = workdir / OUTPUT_FILE
-        command = build_segment_command(self.python_executable, input_path, output_path, choice.path, request, roi)
+        command = build_segment_command(self.python_executable, input_path, output_path, choice.path, request, roi,
+                                        card=choice.card)
         return SegmentationJob(request, choice, workdir, input_path, output_path, command,
                                background_environment(self.environment))
 
@@ -414,6 +431,8 @@ __all__ = [
     "SegmentationRequest",
     "background_environment",
     "build_segment_command",
+    "clean_up_default",
     "lib_parent_dir",
+    "postprocess_option",
     "roi_ras_corners",
 ]

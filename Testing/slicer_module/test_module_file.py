@@ -66,8 +66,8 @@ def test_parameter_node_fields_and_defaults(srcsm_module, slicer_app):
     logic = srcsm_module.SRCSMSegmenterLogic()
     p = logic.getParameterNode()
     assert p.parameterNode.IsA("vtkMRMLScriptedModuleNode")
-    assert (p.inputVolume, p.modelId, p.sourceMatching, p.device, p.roi, p.outputSegmentation) == (
-        None, "", True, "auto", None, None)
+    assert (p.inputVolume, p.modelId, p.sourceMatching, p.device, p.roi, p.outputSegmentation, p.cleanUp) == (
+        None, "", True, "auto", None, None, False)
     hints = srcsm_module.SRCSMSegmenterParameterNode.allParameters
     import slicer
 
@@ -87,7 +87,7 @@ def test_logic_builds_the_request_and_the_core_logic(srcsm_module, slicer_app, f
     p.inputVolume, p.modelId, p.sourceMatching, p.device, p.roi = volume, "abdomen-ct-srcsm", False, "cpu", roi
     request = logic.request(p)
     assert request == SegmentationRequest(volume, "abdomen-ct-srcsm", source_matching=False, device="cpu",
-                                          roi_node=roi, output_node=None, overwrite=False)
+                                          roi_node=roi, output_node=None, overwrite=False, clean_up=False)
     assert logic.request(p, overwrite=True).overwrite
 
     core = logic.core

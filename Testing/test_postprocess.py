@@ -1,0 +1,175 @@
+"""Post-processing as part of the model: the card's default clean-up, the CLI's choice and override,
+old cards, and the clean-ups themselves in millimetres on real labels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from SRCSMSegmenterLib import cli, postprocess
+from SRCSMSegmenterLib.errors import InputError
+from SRCSMSegmenterLib.image import Volume, read_volume
+from SRCSMSegmenterLib.modelpackage import ModelCard, load_package
+from SRCSMSegmenterLib.postprocess import PostProcessing, resolve
+
+MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+STRUCTURE = np.ones((3, 3, 3), bool)
+
+
+def _components(mask: np.ndarray) -> int:
+    return ndimage.label(mask, structure=STRUCTURE)[1]
+
+
+@pytest.mark.parametrize("model", ["abdomen-ct-srcsm", "abdomen-mr-srcsm", "cardiac-bssfp-srcsm"])
+def test_cards_without_the_field_load_with_none(model):
+    data = json.loads((MODELS / model / "model.json").read_text(encoding="utf-8"))
+    data.pop("postprocessing", None)
+    assert ModelCard.model_validate(data).postprocessing == PostProcessing(method="none")
+
+
+@pytest.mark.parametrize("model", ["abdomen-ct-srcsm", "abdomen-mr-srcsm", "cardiac-bssfp-srcsm"])
+def test_bundled_cards_carry_a_measured_clean_up(model):
+    raw = json.loads((MODELS / model / "model.json").read_text(encoding="utf-8"))
+    assert "postprocessing" in raw  # written into the card, not defaulted
+    pp = load_package(MODELS / model).card.postprocessing
+    assert pp.chosen_by and "choose-postprocessing" in pp.chosen_by  # says how it was measured
+
+
+def test_schema_refuses_an_incomplete_clean_up():
+    with pytest.raises(ValueError, match="min_volume_mm3"):
+        PostProcessing(method="min_volume")
+    with pytest.raises(ValueError, match="only applies"):
+        PostProcessing(method="keep_largest", min_volume_mm3=10)
+
+
+def test_resolve_the_users_choice_against_the_card():
+    card = PostProcessing(method="min_volume", min_volume_mm3=500, chosen_by="validation")
+    assert resolve(card, "card") is card
+    assert resolve(None, "card").method == "none"
+    assert resolve(card, "none").method == "none"
+    assert resolve(card, "keep-largest").method == "keep_largest"
+    assert resolve(PostProcessing(), "min-volume:250").min_volume_mm3 == 250
+    assert resolve(card, "KEEP-LARGEST").method == "keep_largest"
+    for bad in ("largest", "min-volume:", "min-volume:-3", "min-volume:abc"):
+        with pytest.raises(InputError, match="min-volume:MM3"):
+            resolve(card, bad)
+    assert card.cli_value() == "min-volume:500" and resolve(None, card.cli_value()) == PostProcessing(
+        method="min_volume", min_volume_mm3=500)
+
+
+def test_min_volume_removes_islands_by_their_physical_size(real_case):
+    """Islands of known size in mm³ added to a real cardiac label map (1.25 × 1.25 × 8 mm voxels)."""
+    _, label_path, _ = real_case("Dataset503", "pat_36")
+    ref = read_volume(label_path)
+    voxel = float(np.prod(ref.geometry.spacing))
+    labels = ref.array.copy()
+    assert _components(labels == 3) == 1
+    k = int(np.nonzero((labels > 0).any(axis=(1, 2)))[0][0])
+    labels[k, 0:4, 0:4] = 3  # 16 voxels: 200 mm³, far from the heart
+    labels[k, 0:8, 180:190] = 3  # 80 voxels: 1000 mm³
+    before = (labels == 3).sum()
+    out = postprocess.apply(labels.copy(), [1, 2, 3], PostProcessing(method="min_volume", min_volume_mm3=500),
+                            ref.geometry.spacing)
+    assert _components(out == 3) == 2 and (out == 3).sum() == before - 16
+    assert np.array_equal(out[labels != 3], labels[labels != 3])  # other labels untouched
+    assert 16 * voxel == pytest.approx(200.0)
+    # keep-largest drops both; a threshold above every component still keeps each label's largest one
+    kept = postprocess.apply(labels.copy(), [1, 2, 3], postprocess.KEEP_LARGEST, ref.geometry.spacing)
+    assert _components(kept == 3) == 1 and np.array_equal(kept, ref.array)
+    huge = postprocess.apply(labels.copy(), [1, 2, 3], PostProcessing(method="min_volume", min_volume_mm3=1e9),
+                             ref.geometry.spacing)
+    assert np.array_equal(huge, ref.array)
+
+
+@pytest.fixture(scope="module")
+def cardiac_with_default(tmp_path_factory) -> Path:
+    """The bundled cardiac package with a card that prescribes keep-largest (weights untouched)."""
+    folder = tmp_path_factory.mktemp("pp") / "cardiac-keep-largest"
+    shutil.copytree(MODELS / "cardiac-bssfp-srcsm", folder)
+    data = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    data["id"] = "cardiac-keep-largest"
+    data["postprocessing"] = {"method": "keep_largest", "chosen_by": "test"}
+    (folder / "model.json").write_text(json.dumps(data), encoding="utf-8")
+    return folder
+
+
+def _segment(image: Path, out: Path, model: Path, *flags: str) -> tuple[Volume, dict]:
+    rc = cli.main(["segment", str(image), str(out), "--model", str(model), "--device", "cpu", "--progress", "none",
+                   "--overwrite", *flags])
+    assert rc == 0
+    return read_volume(out), {}
+
+
+def test_cli_applies_the_cards_clean_up_unless_told_otherwise(cardiac_with_default, real_case, tmp_path, capsys):
+    """The cardiac model on an LGE case leaves stray islands (module docstring of postprocess.py):
+    the card's keep-largest removes them by default; --no-keep-largest / --postprocess none keep them."""
+    image, _, _ = real_case("Dataset504", "pat_06")
+    raw, _ = _segment(image, tmp_path / "none.nii.gz", cardiac_with_default, "--postprocess", "none")
+    assert any(_components(raw.array == v) > 1 for v in (1, 2, 3)), "the case should have islands to remove"
+    default, _ = _segment(image, tmp_path / "default.nii.gz", cardiac_with_default)
+    expected = postprocess.keep_largest_components(raw.array.copy(), [1, 2, 3])
+    assert np.array_equal(default.array, expected)
+    assert all(_components(default.array == v) <= 1 for v in (1, 2, 3))
+    off, _ = _segment(image, tmp_path / "off.nii.gz", cardiac_with_default, "--no-keep-largest")
+    assert np.array_equal(off.array, raw.array)
+    # a card without a clean-up: --keep-largest still asks for one
+    plain = MODELS / "cardiac-bssfp-srcsm"
+    if load_package(plain).card.postprocessing.method == "none":
+        on, _ = _segment(image, tmp_path / "on.nii.gz", plain, "--keep-largest")
+        assert np.array_equal(on.array, expected)
+    small, _ = _segment(image, tmp_path / "small.nii.gz", cardiac_with_default, "--postprocess", "min-volume:300")
+    spacing = read_volume(image).geometry.spacing
+    assert np.array_equal(small.array, postprocess.remove_small_components(
+        raw.array.copy(), [1, 2, 3], 300 / float(np.prod(spacing))))
+
+
+def test_cli_reports_the_clean_up_and_refuses_an_unknown_one(cardiac_with_default, real_case, tmp_path, capsys):
+    image, _, _ = real_case("Dataset504", "pat_06")
+    out = tmp_path / "x.nii.gz"
+    assert cli.main(["segment", str(image), str(out), "--model", str(cardiac_with_default), "--device", "cpu",
+                     "--progress", "json"]) == 0
+    done = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"done"' in line]
+    assert done and done[-1]["postprocessing"] == "keep-largest"
+    assert cli.main(["segment", str(image), str(tmp_path / "y.nii.gz"), "--model", str(cardiac_with_default),
+                     "--postprocess", "biggest", "--progress", "none"]) == 2
+    assert "Unknown post-processing 'biggest'" in capsys.readouterr().err
+    assert not (tmp_path / "y.nii.gz").exists()
+    with pytest.raises(SystemExit):  # the three spellings are one choice
+        cli.main(["segment", str(image), str(out), "--keep-largest", "--no-keep-largest"])
+
+
+def test_choose_on_validation_cases_and_write_the_card(shared_data, tmp_path):
+    """The measurement behind the bundled cards' choice, on one cardiac validation case, and the card
+    edit that records it (a text edit: every other byte of model.json stays)."""
+    from train.choose_postprocessing import CANDIDATES, DICE_TIE, choose, measure, write_card
+
+    summary = measure(MODELS / "cardiac-bssfp-srcsm", shared_data / "Dataset503_CardiacBSSFP", ["val"], limit=1,
+                      log=lambda m: None)
+    assert summary["cases"] == ["pat_36"] and len(summary["candidates"]) == len(CANDIDATES)
+    chosen = choose(summary)
+    best = max(v["dice"] for v in summary["candidates"].values())
+    assert summary["candidates"][chosen.cli_value()]["dice"] >= best - DICE_TIE
+    assert "1 Dataset503_CardiacBSSFP val cases" in chosen.chosen_by
+    folder = tmp_path / "pkg"
+    shutil.copytree(MODELS / "cardiac-bssfp-srcsm", folder)
+    before = (folder / "model.json").read_text(encoding="utf-8")
+    write_card(folder, chosen)
+    assert load_package(folder).card.postprocessing == chosen
+    after = (folder / "model.json").read_text(encoding="utf-8")
+    data_before, data_after = json.loads(before), json.loads(after)
+    data_before.pop("postprocessing", None), data_after.pop("postprocessing")
+    assert data_before == data_after
+    write_card(folder, PostProcessing(method="min_volume", min_volume_mm3=42, chosen_by="again"))
+    assert load_package(folder).card.postprocessing.min_volume_mm3 == 42
+    with pytest.raises(ValueError, match="no model.json"):
+        write_card(tmp_path, chosen)
+
+
+def test_export_writes_the_field(tiny_model):
+    raw = json.loads((Path(tiny_model) / "model.json").read_text(encoding="utf-8"))
+    assert raw["postprocessing"]["method"] == "none"

@@ -1,0 +1,236 @@
+"""The robustness benchmark (train/robustness.py) and its perturbations (train/perturbations.py), on
+real cases: every geometric perturbation keeps the anatomy's world position, the raw-HU synthesis
+has the properties of a scanner CT, the report is written from the results, deterministically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SRCSMSegmenterLib.image import Volume, read_volume
+from train import perturbations as P
+from train.metrics import read_label_map
+from train.robustness import load_results, run_robustness, summarize, write_report
+
+MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+@pytest.fixture(scope="module")
+def cardiac(real_case):
+    """An oblique, thick-slice short-axis stack (bSSFP, 1.25 × 1.25 × 8 mm)."""
+    image, label, _ = real_case("Dataset503", "pat_36")
+    return read_volume(image), read_label_map(label)
+
+
+@pytest.fixture(scope="module")
+def abdomen(real_case):
+    """An axial CHAOS T2 volume (1.25 × 1.25 × 7.7 mm, flipped y axis)."""
+    image, label, _ = real_case("Dataset502", "chaos_01")
+    return read_volume(image), read_label_map(label)
+
+
+def _world_of_voxels(v: Volume, mask: np.ndarray) -> np.ndarray:
+    kji = np.argwhere(mask)
+    return v.geometry.index_to_physical(kji[:, ::-1].astype(float))
+
+
+def _centroid(v: Volume, value: int) -> np.ndarray:
+    return _world_of_voxels(v, v.array == value).mean(0)
+
+
+def _volume_mm3(v: Volume, value: int) -> float:
+    return float((v.array == value).sum() * np.prod(v.geometry.spacing))
+
+
+def _values_at(v: Volume, world: np.ndarray) -> np.ndarray:
+    ijk = np.rint(v.geometry.physical_to_index(world)).astype(int)
+    return v.array[ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+
+
+def _same_voxels_in_the_world(orig: Volume, new: Volume, lab_orig: Volume, lab_new: Volume) -> None:
+    """Every voxel of ``new`` sits exactly on a voxel of ``orig`` with the same value (crops, pads,
+    flips: nothing resampled)."""
+    k, j, i = np.indices(new.shape).reshape(3, -1)
+    world = new.geometry.index_to_physical(np.stack([i, j, k], 1).astype(float))
+    idx = orig.geometry.physical_to_index(world)
+    assert np.allclose(idx, np.rint(idx), atol=1e-4), "voxel centres moved off the original grid"
+    idx = np.rint(idx).astype(int)
+    inside = np.all((idx >= 0) & (idx < np.array(orig.shape[::-1])), axis=1)
+    flat_new = new.array.reshape(-1)
+    assert np.array_equal(flat_new[inside], orig.array[idx[inside, 2], idx[inside, 1], idx[inside, 0]])
+    assert np.array_equal(lab_new.array.reshape(-1)[inside],
+                          lab_orig.array[idx[inside, 2], idx[inside, 1], idx[inside, 0]])
+    assert np.all(flat_new[~inside] == orig.array.min())  # padding is air
+    assert not lab_new.array.reshape(-1)[~inside].any()
+
+
+@pytest.mark.parametrize("thickness", [40, 60, 90, 150])
+def test_slab_is_centred_on_the_anatomy_along_the_slice_axis(abdomen, thickness):
+    image, label = abdomen
+    img, lab = P.slab(image, label, thickness)
+    _same_voxels_in_the_world(image, img, label, lab)
+    centre = P.foreground_centre(label)
+    axis = image.geometry.direction_matrix[:, 2]
+    offsets = (_world_of_voxels(img, np.ones(img.shape, bool)) - centre) @ axis
+    assert offsets.min() >= -thickness / 2 - 1e-6 and offsets.max() <= thickness / 2 + 1e-6
+    assert offsets.max() - offsets.min() >= thickness - 2 * image.geometry.spacing[2] - 1e-6 or img.shape == image.shape
+    # the slab's labels are the original's inside it (and every organ in the slab has voxels)
+    assert lab.array.any() and img.shape[1:] == image.shape[1:]
+
+
+def test_in_plane_crop_and_padding_keep_the_world(abdomen):
+    image, label = abdomen
+    img, lab = P.crop_in_plane(image, label)
+    _same_voxels_in_the_world(image, img, label, lab)
+    assert img.shape == (image.shape[0], image.shape[1] // 2, image.shape[2] // 2)
+    ijk = img.geometry.physical_to_index(P.foreground_centre(label)[None])[0]
+    assert np.all((ijk[:2] >= 0) & (ijk[:2] < np.array(img.shape[:0:-1])))
+    img, lab = P.pad_in_plane(image, label, 500.0)
+    _same_voxels_in_the_world(image, img, label, lab)
+    fov = np.array(img.shape[:0:-1]) * np.array(img.geometry.spacing[:2])
+    assert np.all(fov >= 500.0) and np.all(fov < 500.0 + 2 * np.array(img.geometry.spacing[:2]))
+    for v in (1, 2, 3, 4):
+        assert np.allclose(_centroid(lab, v), _centroid(label, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", ["i", "k"])
+def test_flips_store_the_same_physical_image(cardiac, axis):
+    image, label = cardiac
+    img, lab = P.flip(image, label, axis)
+    assert not np.array_equal(img.array, image.array)  # really stored the other way round
+    assert np.linalg.det(img.geometry.direction_matrix) == pytest.approx(-np.linalg.det(image.geometry.direction_matrix))
+    _same_voxels_in_the_world(image, img, label, lab)
+
+
+def test_oblique_grid_keeps_every_structure_in_place(cardiac):
+    image, label = cardiac
+    img, lab = P.oblique(image, label, 25.0)
+    r = img.geometry.direction_matrix @ image.geometry.direction_matrix.T  # the rotation in the world
+    assert np.degrees(np.arccos((np.trace(r) - 1) / 2)) == pytest.approx(25.0)
+    cos = np.clip(np.diag(image.geometry.direction_matrix.T @ img.geometry.direction_matrix), -1, 1)
+    assert np.degrees(np.arccos(cos[2])) > 20  # the slices tilt
+    for v in (1, 2, 3):
+        # the centroid stays within a fraction of the thick slice; the volume within a few per cent
+        assert np.linalg.norm(_centroid(lab, v) - _centroid(label, v)) < 2.0
+        assert _volume_mm3(lab, v) == pytest.approx(_volume_mm3(label, v), rel=0.08)
+    # grey values follow: the image at the blood pool's world positions is the blood pool's
+    pool = _world_of_voxels(label, label.array == 2)
+    assert np.median(_values_at(img, pool)) == pytest.approx(np.median(image.array[label.array == 2]), rel=0.1)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 3.0, 3.0), (None, None, 10.0)])
+def test_resampling_keeps_extent_position_and_volume(abdomen, spacing):
+    image, label = abdomen
+    img, lab = P.respace(image, label, spacing)
+    want = [s if s is not None else image.geometry.spacing[a] for a, s in enumerate(spacing)]
+    assert np.allclose(img.geometry.spacing, want)
+    assert np.allclose(img.geometry.direction, image.geometry.direction)
+    ext = np.array(image.shape[::-1]) * np.array(image.geometry.spacing)
+    new_ext = np.array(img.shape[::-1]) * np.array(img.geometry.spacing)
+    assert np.all(new_ext >= ext - 1e-6) and np.all(new_ext < ext + np.array(want) + 1e-6)
+    assert np.allclose(P.foreground_centre(lab), P.foreground_centre(label), atol=max(want))
+    for v in (1, 4):  # liver and spleen: large enough for a 10 mm slice
+        assert np.linalg.norm(_centroid(lab, v) - _centroid(label, v)) < max(want)
+        assert _volume_mm3(lab, v) == pytest.approx(_volume_mm3(label, v), rel=0.1)
+
+
+def test_follow_labels_carries_a_prediction_onto_a_perturbed_grid(abdomen):
+    image, label = abdomen
+    img, lab = P.oblique(image, label, 25.0)
+    carried = P.follow_labels(label, img.geometry, img.shape)
+    assert np.array_equal(carried.array, lab.array)  # the same nearest-neighbour map as the reference's
+
+
+def test_raw_hu_synthesis_is_a_scanner_like_ct(real_case):
+    image_path, _, _ = real_case("Dataset501", "sabs_02")
+    ct = read_volume(image_path)
+    floor, ceiling = float(ct.array.min()), float(ct.array.max())
+    assert (floor, ceiling) == (-125.0, 275.0)  # the shared copy's window
+    raw = P.raw_hu(ct, seed=5)
+    a, b = ct.array, raw.array
+    assert raw.array.dtype == np.int16 and raw.geometry == ct.geometry
+    inside = (a > floor) & (a < ceiling)
+    assert np.array_equal(b[inside], a[inside])  # nothing changes inside the window
+    air, bone = b[a <= floor], b[a >= ceiling]
+    assert air.min() >= -1024 and air.max() <= -880 and np.unique(air).size > 100  # a continuum of air
+    assert bone.min() >= ceiling and bone.max() <= 1500 and bone.max() > 1000 and np.unique(bone).size > 100
+    assert np.array_equal(P.raw_hu(ct, seed=5).array, b)  # deterministic
+    assert not np.array_equal(P.raw_hu(ct, seed=6).array, b)
+    # the guess that picks the SM rule sees a CT either way
+    from SRCSMSegmenterLib.matching import guess_modality
+
+    assert guess_modality(b) == guess_modality(a) == "CT"
+
+
+def test_scaled_intensities_and_modalities(abdomen):
+    image, label = abdomen
+    scaled = P.scale_intensities(image)
+    assert scaled.array.dtype == np.float32 and np.allclose(scaled.array, image.array * 1e4)
+    mr = [p.name for p in P.perturbations_for("MR")]
+    ct = [p.name for p in P.perturbations_for("CT")]
+    assert "scale_1e4" in mr and "raw_hu" not in mr and "raw_hu" in ct and "scale_1e4" not in ct
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        P.perturbations_for("MR", ["slab_40mm", "tilt"])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, shared_data):
+    """The cardiac model on one LGE case under four perturbations, through the real pipeline."""
+    out = tmp_path_factory.mktemp("robustness") / "cardiac-lge"
+    run_robustness(MODELS / "cardiac-bssfp-srcsm", shared_data / "Dataset504_CardiacLGE", out, split="test",
+                   cases=1, perturbations=["slab_40mm", "flip_k", "scale_1e4", "raw_hu"], device="cpu",
+                   command="python -m train robustness (test)", log=lambda m: None)
+    return out
+
+
+def test_end_to_end_run_scores_each_perturbation_in_its_own_view(small_run, shared_data):
+    result = load_results([small_run])[0]
+    meta, rows = result["meta"], result["rows"]
+    assert meta["perturbations"] == ["slab_40mm", "flip_k", "scale_1e4"]  # raw_hu is CT only
+    from SRCSMSegmenterLib.modelpackage import load_package
+
+    assert meta["cases"] == ["pat_06"]
+    assert meta["postprocessing"] == load_package(MODELS / "cardiac-bssfp-srcsm").card.postprocessing.cli_value()
+    assert {(r["perturbation"], r["label"]) for r in rows} == {
+        (p, v) for p in ["none", *meta["perturbations"]] for v in (1, 2, 3)}
+    # the slab is scored inside the slab: fewer reference voxels than the whole volume
+    ref = read_label_map(shared_data / "Dataset504_CardiacLGE" / "labelsTr" / "pat_06.nii.gz")
+    slab = {r["label"]: r for r in rows if r["perturbation"] == "slab_40mm"}
+    whole = {r["label"]: r for r in rows if r["perturbation"] == "none"}
+    for v in (1, 2, 3):
+        assert whole[v]["ref_voxels"] == int((ref.array == v).sum())
+        assert 0 < slab[v]["ref_voxels"] < whole[v]["ref_voxels"]
+        assert whole[v]["agreement"] == 1.0 and whole[v]["dice"] == whole[v]["dice_unperturbed"]
+    # physical no-ops give the unperturbed result: a flipped storage order and a header scale
+    for p in ("flip_k", "scale_1e4"):
+        for r in (r for r in rows if r["perturbation"] == p):
+            assert r["agreement"] >= 0.99, r
+            assert r["dice"] == pytest.approx(r["dice_unperturbed"], abs=0.01)
+    s = summarize(result)
+    assert list(s) == ["none", "slab_40mm", "flip_k", "scale_1e4"]
+    assert s["none"]["dice"] > 0.3  # a real segmentation, not an empty one
+
+
+def test_report_is_written_from_the_results_deterministically(small_run, tmp_path):
+    md = write_report([small_run], tmp_path / "docs" / "robustness.md", tmp_path / "docs" / "figures",
+                      log=lambda m: None)
+    text = md.read_text(encoding="utf-8")
+    figure = tmp_path / "docs" / "figures" / "robustness_cardiac-bssfp-srcsm.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](figures/robustness_cardiac-bssfp-srcsm.png)" in text
+    result = load_results([small_run])[0]
+    s = summarize(result)
+    for p, v in s.items():
+        line = next(line for line in text.splitlines() if line.startswith(f"| `{p}`"))
+        assert f"| {v['dice']:.2f} | {v['dice_unperturbed']:.2f} |" in line
+        assert f"| {v['empty']}/{v['in_view']} |" in line
+    assert "cross-domain Dataset504_CardiacLGE (test)" in text and result["meta"]["command"] in text
+    first = (md.read_bytes(), figure.read_bytes())
+    write_report([small_run], md, tmp_path / "docs" / "figures", log=lambda m: None)
+    assert (md.read_bytes(), figure.read_bytes()) == first
+    with pytest.raises(ValueError, match="robustness.json"):
+        write_report([tmp_path], md, tmp_path / "docs" / "figures")
+    assert json.loads((small_run / "robustness.json").read_text(encoding="utf-8"), parse_constant=float)

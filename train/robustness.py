@@ -1,0 +1,346 @@
+"""Robustness benchmark: a model package on real labelled cases, unperturbed and under the perturbations
+real scans from other hospitals bring (:mod:`train.perturbations`).
+
+``python -m train robustness MODEL DATASET --split test --cases 3 --out DIR`` segments each case and
+each perturbed copy through the core library's :class:`~SRCSMSegmenterLib.inference.Segmenter` (what
+``srcsm segment`` and the Slicer module run, with the card's default clean-up unless told otherwise)
+and scores it with :func:`train.metrics.evaluate_case` in the perturbed image's own grid, against the
+reference carried through the same perturbation (nearest neighbour) — so a slab is scored inside the
+slab. Next to each perturbed Dice it records
+
+* ``dice_unperturbed`` — the unperturbed prediction carried onto the perturbed grid and scored the
+  same way: what the model achieves on *the same view* without the perturbation;
+* ``agreement`` — Dice between the perturbed and the carried unperturbed prediction (1 = the
+  perturbation changed nothing; a raw-HU CT must give its clipped twin's result);
+* ``empty_in_view`` — the label is in the reference's view but the prediction has none of it.
+
+It writes ``DIR/robustness.json`` (meta + rows) and ``DIR/rows.csv``. ``python -m train robustness
+--report DIR [DIR …] --markdown docs/robustness.md --figures docs/figures`` turns any number of such
+folders into one Markdown report with one figure per model (``robustness_<model>.png``); the report
+depends only on the JSON files, so regenerating it from the same results gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from SRCSMSegmenterLib.catalog import Catalog
+from SRCSMSegmenterLib.image import Volume, atomic_output, read_volume
+from SRCSMSegmenterLib.inference import Segmenter
+from SRCSMSegmenterLib.postprocess import resolve as resolve_postprocessing
+
+from .datasets import load_dataset
+from .evaluate import check_label_values
+from .metrics import evaluate_case, read_label_map
+from .perturbations import PERTURBATIONS, follow_labels, perturbations_for
+from .report import _new_figure, _save, write_csv
+
+UNPERTURBED = "none"
+RESULT_FILE = "robustness.json"
+
+
+def case_seed(case_id: str, seed: int) -> int:
+    """A per-case seed that does not depend on Python's hash randomisation."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{case_id}".encode()).digest()[:4], "little")
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores, {platform.system()}"
+
+
+def _agreement(a: np.ndarray, b: np.ndarray, value: int) -> float:
+    ma, mb = a == value, b == value
+    n = int(ma.sum()) + int(mb.sum())
+    return math.nan if n == 0 else 2.0 * int((ma & mb).sum()) / n
+
+
+def _rows_for(prediction: Volume, reference: Volume, baseline: Volume, names: dict[int, str]) -> list[dict]:
+    """Scores of one (perturbed) prediction: evaluate_case rows plus the same-view baseline and the
+    agreement with it."""
+    rows = evaluate_case(prediction, reference, names)
+    base = {r["label"]: r for r in evaluate_case(baseline, reference, names)}
+    for r in rows:
+        r["dice_unperturbed"] = base[r["label"]]["dice"]
+        r["hd95_unperturbed"] = base[r["label"]]["hd95"]
+        r["agreement"] = _agreement(prediction.array, baseline.array, r["label"])
+        r["empty_in_view"] = bool(r["ref_voxels"] > 0 and r["pred_voxels"] == 0)
+    return rows
+
+
+def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                   split: str = "test", cases: int | None = 3, case_ids: Sequence[str] | None = None,
+                   perturbations: Sequence[str] | None = None, device: str = "cpu", postprocess: str = "card",
+                   source_matching: bool = True, target_modality: str = "auto", seed: int = 0,
+                   command: str | None = None, log=print) -> dict:
+    """Run the benchmark of one model on one dataset (module docstring) and write ``out_dir``."""
+    package = Catalog().resolve(str(model))
+    dataset = load_dataset(dataset_dir)
+    names = check_label_values(package, dataset)
+    chosen = dataset.split(split)
+    if case_ids:
+        by_id = {c.id: c for c in dataset.split("all")}
+        missing = [c for c in case_ids if c not in by_id]
+        if missing:
+            raise ValueError(f"cases {missing} are not in {dataset.name}")
+        chosen = [by_id[c] for c in case_ids]
+    chosen = chosen[: cases or None]
+    if not chosen:
+        raise ValueError(f"split '{split}' of {dataset.name} has no cases; choose another --split")
+    perts = perturbations_for(dataset.modality, list(perturbations) if perturbations else None)
+    post = resolve_postprocessing(package.card.postprocessing, postprocess)
+    segmenter = Segmenter(package, device=device)
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+
+    def segment(image: Volume) -> Volume:
+        return segmenter.segment(image, source_matching=source_matching, target_modality=target_modality,  # type: ignore[arg-type]
+                                 postprocessing=post).labelmap
+
+    for case in chosen:
+        image = read_volume(case.image)
+        reference = read_label_map(case.label)
+        t = time.perf_counter()
+        pred0 = segment(image)
+        for r in _rows_for(pred0, reference, pred0, names):
+            rows.append(dict(r, case=case.id, perturbation=UNPERTURBED, seconds=time.perf_counter() - t))
+        for p in perts:
+            t = time.perf_counter()
+            img_p, ref_p = p.apply(image, reference, case_seed(case.id, seed))
+            pred = segment(img_p)
+            same_grid = img_p.geometry.almost_equal(image.geometry, 1e-6) and img_p.shape == image.shape
+            baseline = pred0 if same_grid else follow_labels(pred0, img_p.geometry, img_p.shape)
+            for r in _rows_for(pred, ref_p, baseline, names):
+                rows.append(dict(r, case=case.id, perturbation=p.name, seconds=time.perf_counter() - t))
+            del img_p, ref_p, pred, baseline
+        mean = np.nanmean([r["dice"] for r in rows if r["case"] == case.id and r["perturbation"] == UNPERTURBED])
+        log(f"{case.id}: unperturbed mean Dice {mean:.3f}; " + ", ".join(
+            f"{p.name} {np.nanmean([r['dice'] for r in rows if r['case'] == case.id and r['perturbation'] == p.name]):.2f}"
+            for p in perts))
+    meta = {
+        "model": package.id, "model_version": package.card.version, "model_name": package.card.name,
+        "source_modality": package.card.source.modality, "weights_sha256": package.card.weights.sha256,
+        "model_path": str(model), "dataset": dataset.name, "target_modality": dataset.modality, "split": split,
+        "cases": [c.id for c in chosen], "perturbations": [p.name for p in perts],
+        "descriptions": {p.name: p.description for p in perts}, "labels": {str(k): v for k, v in names.items()},
+        "device": str(segmenter.device), "precision": segmenter.precision, "postprocessing": post.cli_value(),
+        "source_matching": source_matching, "seed": seed, "date": _dt.date.today().isoformat(),
+        "machine": _machine(), "seconds": round(time.perf_counter() - t_start, 1),
+        "command": command or "python -m train robustness " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "rows.csv")
+    result = {"meta": meta, "rows": rows}
+    with atomic_output(out / RESULT_FILE) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    log(f"{package.id} on {dataset.name}: {len(chosen)} cases × {len(perts) + 1} settings in {meta['seconds']} s; "
+        f"results in {out}")
+    return result
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def load_results(folders: Iterable[str | os.PathLike[str]]) -> list[dict]:
+    """The ``robustness.json`` of each folder (or the file itself)."""
+    out = []
+    for f in folders:
+        path = Path(f)
+        path = path / RESULT_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(f"'{f}' holds no {RESULT_FILE}; run `python -m train robustness MODEL DATASET --out {f}` first")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for r in data["rows"]:
+            for key in ("dice", "hd95", "dice_unperturbed", "hd95_unperturbed", "agreement"):
+                r[key] = math.nan if r.get(key) is None else float(r[key])
+        out.append(data)
+    return out
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def summarize(result: dict) -> dict[str, dict]:
+    """Per perturbation: mean Dice over cases and labels in view (``dice``), the same-view unperturbed
+    Dice, the agreement, per-label means and, per label, empties where the label is in view."""
+    by = defaultdict(list)
+    for r in result["rows"]:
+        by[r["perturbation"]].append(r)
+    order = [UNPERTURBED] + list(result["meta"]["perturbations"])
+    out = {}
+    for p in order:
+        rs = by.get(p, [])
+        labels = {}
+        for value, name in result["meta"]["labels"].items():
+            lr = [r for r in rs if str(r["label"]) == value]
+            in_view = [r for r in lr if r["ref_voxels"] > 0]
+            labels[name] = {"dice": _nanmean([r["dice"] for r in lr]),
+                            "dice_unperturbed": _nanmean([r["dice_unperturbed"] for r in lr]),
+                            "in_view": len(in_view), "empty": sum(1 for r in in_view if r["empty_in_view"])}
+        out[p] = {
+            "dice": _nanmean([v["dice"] for v in labels.values()]),
+            "dice_unperturbed": _nanmean([v["dice_unperturbed"] for v in labels.values()]),
+            "agreement": _nanmean([r["agreement"] for r in rs if r["ref_voxels"] > 0]),
+            "empty": sum(v["empty"] for v in labels.values()), "in_view": sum(v["in_view"] for v in labels.values()),
+            "labels": labels,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _delta(a: float, b: float) -> str:
+    if math.isnan(a) or math.isnan(b):
+        return "–"
+    d = a - b
+    text = f"{d:+.2f}"
+    return f"**{text}**" if d <= -0.10 else text
+
+
+def _domain(result: dict) -> str:
+    meta = result["meta"]
+    own = meta["target_modality"] == meta["source_modality"]
+    return ("in-domain" if own else "cross-domain") + f" {meta['dataset']} ({meta['split']})"
+
+
+def figure(model_results: list[dict], path: str | os.PathLike[str]) -> Path:
+    """Mean Dice per perturbation (filled) next to the same view unperturbed (open), one panel per
+    dataset."""
+    n = len(model_results)
+    fig = _new_figure(5.2 * n, 5.0)
+    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
+    for ax, result in zip(axes, model_results):
+        s = summarize(result)
+        names = list(s)[::-1]
+        y = np.arange(len(names))
+        ax.scatter([s[p]["dice_unperturbed"] for p in names], y, facecolors="none", edgecolors="0.4",
+                   label="unperturbed, same view", zorder=3)
+        ax.scatter([s[p]["dice"] for p in names], y, color="tab:red", label="perturbed", zorder=4, s=18)
+        for yi, p in zip(y, names):
+            a, b = s[p]["dice"], s[p]["dice_unperturbed"]
+            if not (math.isnan(a) or math.isnan(b)):
+                ax.plot([a, b], [yi, yi], color="0.7", lw=1, zorder=2)
+            if s[p]["empty"]:
+                ax.annotate(f"{s[p]['empty']} empty", (0.01, yi), fontsize=7, va="center", color="tab:red")
+        ax.set_yticks(y)
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("mean Dice (labels in view)")
+        ax.set_title(_domain(result), fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].legend(loc="lower left", bbox_to_anchor=(0, 1.06), fontsize=8, ncol=2, frameon=False)
+    meta = model_results[0]["meta"]
+    fig.suptitle(f"{meta['model']} {meta['model_version']}", fontsize=10, y=1.04)
+    return _save(fig, path)
+
+
+def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: Path) -> str:
+    """The report text (deterministic given ``results``)."""
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by_model[r["meta"]["model"]].append(r)
+    lines = [
+        "# Robustness of the models to what real scans bring",
+        "",
+        "Generated by `python -m train robustness --report` from the results below (do not edit by hand).",
+        "Each model is run on a few cases of its own domain and of the other domain, unperturbed and under",
+        "perturbations of field of view, sampling, orientation and intensity scale (`train/perturbations.py`):",
+        "geometry is changed physically (the anatomy keeps its world position; the reference follows with",
+        "nearest neighbour) and every result is scored in the perturbed image's own grid, only where the",
+        "reference is (a slab inside the slab). **Dice** is the mean over the labels in view; **same view** the",
+        "unperturbed prediction carried onto the perturbed grid and scored the same way, so **Δ** is what the",
+        "perturbation costs (bold: a loss of 0.10 or more); **agree** is the Dice between the two predictions",
+        "(1.00: the perturbation changed nothing); **empty** counts labels in view that the model left empty",
+        "(cases × labels). Segmentation as `srcsm segment` runs it: source matching on, target modality",
+        "auto, the model card's clean-up.",
+        "",
+    ]
+    for model, rs in by_model.items():
+        meta0 = rs[0]["meta"]
+        lines += [f"## {model} {meta0['model_version']} ({meta0['source_modality']})", ""]
+        fig_path = figure_paths.get(model)
+        if fig_path is not None:
+            rel = os.path.relpath(fig_path, markdown_path.parent).replace(os.sep, "/")
+            lines += [f"![{model} under perturbations]({rel})", ""]
+        for result in rs:
+            meta = result["meta"]
+            s = summarize(result)
+            lines += [f"### {_domain(result)}: {len(meta['cases'])} cases ({', '.join(meta['cases'])})", "",
+                      f"Run `{meta['command']}` on {meta['date']}, {meta['machine']}, device {meta['device']} "
+                      f"({meta['precision']}), clean-up `{meta['postprocessing']}`, {meta['seconds']:.0f} s.", ""]
+            label_names = list(meta["labels"].values())
+            lines.append("| perturbation | Dice | same view | Δ | agree | empty | " + " | ".join(label_names) + " |")
+            lines.append("|---|---|---|---|---|---|" + "---|" * len(label_names))
+            for p, v in s.items():
+                per_label = []
+                for name in label_names:
+                    lv = v["labels"][name]
+                    cell = _f(lv["dice"])
+                    if lv["empty"]:
+                        cell += f" (∅ {lv['empty']}/{lv['in_view']})"
+                    if lv["in_view"] == 0:
+                        cell = "not in view"
+                    per_label.append(cell)
+                desc = meta["descriptions"].get(p, "unperturbed")
+                lines.append(f"| `{p}` {desc} | {_f(v['dice'])} | {_f(v['dice_unperturbed'])} | "
+                             f"{_delta(v['dice'], v['dice_unperturbed'])} | {_f(v['agreement'])} | "
+                             f"{v['empty']}/{v['in_view']} | " + " | ".join(per_label) + " |")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(folders: Sequence[str | os.PathLike[str]], markdown_path: str | os.PathLike[str],
+                 figures_dir: str | os.PathLike[str], log=print) -> Path:
+    """docs/robustness.md and docs/figures/robustness_<model>.png from result folders."""
+    results = load_results(folders)
+    markdown_path = Path(markdown_path)
+    figures_dir = Path(figures_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by_model[r["meta"]["model"]].append(r)
+    paths = {m: figure(rs, figures_dir / f"robustness_{m}.png") for m, rs in by_model.items()}
+    text = markdown(results, paths, markdown_path)
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(markdown_path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    log(f"wrote {markdown_path} and {len(paths)} figure(s) in {figures_dir}")
+    return markdown_path
+
+
+__all__ = ["PERTURBATIONS", "figure", "load_results", "markdown", "run_robustness", "summarize", "write_report"]

@@ -1,0 +1,80 @@
+"""Command-line parts of ``python -m train robustness`` and ``python -m train choose-postprocessing``.
+
+Kept apart from :mod:`train.robustness` so that building the parser imports nothing heavy (torch,
+SimpleITK), like the other subcommands of ``train/__main__.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def add_parsers(sub) -> None:
+    """Add the two subcommands to ``python -m train``'s subparsers."""
+    r = sub.add_parser(
+        "robustness", help="a model on real cases, unperturbed and under the perturbations real scans bring "
+                           "(partial field of view, resampling, flips, oblique grids, raw HU, scaled intensities)",
+        description="Run: robustness MODEL DATASET --out DIR. Report: robustness --report DIR [DIR ...] "
+                    "--markdown docs/robustness.md --figures docs/figures.")
+    r.add_argument("model", nargs="?", help="model package path or catalogue id")
+    r.add_argument("dataset", nargs="?", help="nnU-Net raw dataset folder with labels")
+    r.add_argument("--split", default="test", help="split of splits.json (default test; 'all' for every case)")
+    r.add_argument("--cases", type=int, default=3, help="the first N cases of the split (default 3)")
+    r.add_argument("--case", action="append", default=[], metavar="ID", help="these cases instead (repeatable)")
+    r.add_argument("--perturbations", default=None,
+                   help="comma-separated subset (default: all that apply to the dataset's modality)")
+    r.add_argument("--postprocess", default="card", help="clean-up: card (default), none, keep-largest, min-volume:MM3")
+    r.add_argument("--no-source-matching", action="store_true")
+    r.add_argument("--target-modality", choices=["auto", "CT", "MR"], default="auto")
+    r.add_argument("--device", default="cpu", help="cpu (default), auto, cuda")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (raw HU noise)")
+    r.add_argument("--out", help="output folder of the run")
+    r.add_argument("--report", nargs="+", metavar="DIR", help="write the report from these result folders")
+    r.add_argument("--markdown", default="docs/robustness.md", help="report file (with --report)")
+    r.add_argument("--figures", default="docs/figures", help="figure folder (with --report)")
+
+    c = sub.add_parser("choose-postprocessing",
+                       help="measure the clean-ups on a model's validation cases, pick the best, optionally write "
+                            "it into the card")
+    c.add_argument("model", help="model package folder (or catalogue id without --write-card)")
+    c.add_argument("dataset", help="the model's own (source-domain) dataset")
+    c.add_argument("--split", default="val", help="comma-separated splits, e.g. val or val,test (default val)")
+    c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--out", default=None, help="JSON file for the measurements")
+    c.add_argument("--write-card", action="store_true", help="write the choice into MODEL/model.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch one of the two subcommands."""
+    if args.command == "choose-postprocessing":
+        from pathlib import Path
+
+        from .choose_postprocessing import choose, measure, write_card
+
+        summary = measure(args.model, args.dataset, args.split.split(","), device=args.device, limit=args.limit)
+        chosen = choose(summary)
+        summary["chosen"] = chosen.model_dump(mode="json")
+        if args.out:
+            Path(args.out).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(summary["chosen"], indent=1))
+        if args.write_card:
+            print(f"wrote {write_card(args.model, chosen)}")
+        return 0
+    from .robustness import run_robustness, write_report
+
+    if args.report:
+        write_report(args.report, args.markdown, args.figures)
+        return 0
+    if not (args.model and args.dataset and args.out):
+        raise SystemExit("robustness needs MODEL DATASET --out DIR (or --report DIR ...)")
+    perts = [p.strip() for p in args.perturbations.split(",")] if args.perturbations else None
+    command = "python -m train robustness " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    run_robustness(args.model, args.dataset, args.out, split=args.split, cases=args.cases, case_ids=args.case or None,
+                   perturbations=perts, device=args.device, postprocess=args.postprocess,
+                   source_matching=not args.no_source_matching, target_modality=args.target_modality,
+                   seed=args.seed, command=command)
+    return 0
