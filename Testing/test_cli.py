@@ -388,6 +388,7 @@ with json_stderr(reporter):
     r.Execute()  # ITK's own raw warning about the missing slice, straight to fd 2
     os.write(2, b"raw line from C code\\n")
     warnings.warn("a library's Python warning")
+    os.write(2, b"a last line without newline")
     reporter.done(output="x")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8",
@@ -397,4 +398,5 @@ with json_stderr(reporter):
     texts = " ".join(e.get("message", "") for e in events if e["event"] == "message")
     assert "raw line from C code" in texts and "a library's Python warning" in texts
     assert "missing slices" in texts  # ITK's text, wrapped
-    assert events[-1]["event"] == "done"
+    assert "a last line without newline" in texts
+    assert events[-1]["event"] == "done"  # nothing a library wrote before it arrives after it

@@ -34,6 +34,9 @@ class ProgressReporter:
         self._last_t = 0.0
         self._bar = None
         self._lock = threading.Lock()
+        #: Set by :func:`json_stderr`: waits until what was written to stderr so far has been forwarded,
+        #: so that a library's last line never arrives after the ``done``/``error`` event.
+        self._drain = lambda: None
 
     def _emit(self, obj: dict[str, Any]) -> None:
         with self._lock:  # json_stderr's reader thread emits too: never interleave two lines
@@ -71,11 +74,13 @@ class ProgressReporter:
 
     def done(self, **info: Any) -> None:
         self.close()
+        self._drain()
         if self.mode == "json":
             self._emit({"event": "done", **info})
 
     def error(self, text: str, kind: str = "error") -> None:
         self.close()
+        self._drain()
         if self.mode == "json":
             self._emit({"event": "error", "type": kind, "message": text})
         else:
@@ -110,11 +115,26 @@ def json_stderr(reporter: ProgressReporter) -> Iterator[None]:
     os.dup2(write_end, fd)
     os.close(write_end)
     reporter.stream = real
+    marker = f"\x00srcsm-drain-{os.getpid()}\x00"
+    drained = threading.Event()
+
+    def drain() -> None:
+        """A marker line through the pipe: once the reader has seen it, everything before it is out."""
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        drained.clear()
+        os.write(fd, (marker + "\n").encode())
+        drained.wait(timeout=5)
 
     def forward() -> None:
         with os.fdopen(read_end, "r", encoding="utf-8", errors="backslashreplace") as pipe:
             for line in pipe:
                 text = line.rstrip()
+                if marker in text:  # (after a library's unterminated last line, the marker ends it)
+                    text = text.replace(marker, "").rstrip()
+                    drained.set()
                 if not text:
                     continue
                 try:
@@ -128,9 +148,11 @@ def json_stderr(reporter: ProgressReporter) -> Iterator[None]:
 
     thread = threading.Thread(target=forward, name="srcsm-stderr", daemon=True)
     thread.start()
+    reporter._drain = drain
     try:
         yield
     finally:
+        reporter._drain = lambda: None
         try:
             sys.stderr.flush()
         except (OSError, ValueError):
