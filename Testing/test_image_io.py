@@ -259,7 +259,7 @@ def test_dicom_folder_with_two_series_says_which_it_reads(tmp_path, mr_sitk):
 
 
 def _shared_data_root():
-    from conftest import SHARED_DATA
+    from model_fixtures import SHARED_DATA
 
     return SHARED_DATA
 

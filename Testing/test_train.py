@@ -496,7 +496,7 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
     assert not other.result_file.exists()
     path = ablation.adopt_package(cell, cell.package_dir, device="cpu")
     rec = json.loads(path.read_text(encoding="utf-8"))
-    assert rec["provenance"]["kind"] == "adopted package" and rec["provenance"]["package"] == "ablation-ct2mr-src"
+    assert rec["provenance"]["kind"] == "adopted package" and rec["provenance"]["package"] == f"{cell.name}-it4"  # export names a package after its run
     assert rec["summary"]["cases"] == 1
 
     # a cell whose first attempt collapsed trains with its own seed, and its record says why

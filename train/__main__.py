@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set iterations=2000 --set augmentation=none")
     f.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    f.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="train into this folder instead of the recipe's output_dir")
+    f.add_argument("--overwrite", action="store_true",
+                   help="start afresh where a run exists (the old run is kept, renamed to DIR.replaced-<time>)")
     f.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="checkpoint and stop after this many seconds (resume later with --resume)")
     f.add_argument("--until", type=int, default=None, metavar="ITERATION", help="stop at this iteration")
@@ -123,13 +127,19 @@ def main(argv: list[str] | None = None) -> int:
             from .config import load_config
             from .trainer import Trainer
 
-            cfg = load_config(args.config, _parse_override(args.set))
+            overrides = _parse_override(args.set)
+            if getattr(args, "run_dir", None):
+                overrides["output_dir"] = args.run_dir
+            cfg = load_config(args.config, overrides)
             if args.command == "cache":
                 t = Trainer(cfg)
                 t.prepare_data()
                 print(t.cache_folder)
                 return 0
-            result = Trainer(cfg, resume=args.resume).fit(time_limit_s=args.time_limit, until_iteration=args.until)
+            if args.resume and args.overwrite:
+                raise SystemExit("--resume continues a run and --overwrite replaces it: choose one")
+            result = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit(
+                time_limit_s=args.time_limit, until_iteration=args.until)
             print(json.dumps({"iteration": result["iteration"], "output_dir": cfg.output_dir}))
             return 0
         if args.command == "export":

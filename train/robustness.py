@@ -140,7 +140,8 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
             for p in perts))
     meta = {
         "model": package.id, "model_version": package.card.version, "model_name": package.card.name,
-        "source_modality": package.card.source.modality, "weights_sha256": package.card.weights.sha256,
+        "source_modality": package.card.source.modality, "source_dataset": _training_dataset(package.card),
+        "weights_sha256": package.card.weights.sha256,
         "model_path": str(model), "dataset": dataset.name, "target_modality": dataset.modality, "split": split,
         "cases": [c.id for c in chosen], "perturbations": [p.name for p in perts],
         "descriptions": {p.name: p.description for p in perts}, "labels": {str(k): v for k, v in names.items()},
@@ -232,9 +233,18 @@ def _delta(a: float, b: float) -> str:
     return f"**{text}**" if d <= -0.10 else text
 
 
+def _training_dataset(card) -> str | None:
+    """Folder name of the dataset the model was trained on (from the card's recorded config), or None."""
+    dataset = (card.provenance.config or {}).get("dataset")
+    return Path(str(dataset)).name if dataset else None
+
+
 def _domain(result: dict) -> str:
+    """In-domain when the test data are the training dataset's (bSSFP → LGE is MR → MR, yet another
+    domain); without a recorded training dataset, when the modalities agree."""
     meta = result["meta"]
-    own = meta["target_modality"] == meta["source_modality"]
+    source = meta.get("source_dataset")
+    own = meta["dataset"] == source if source else meta["target_modality"] == meta["source_modality"]
     return ("in-domain" if own else "cross-domain") + f" {meta['dataset']} ({meta['split']})"
 
 

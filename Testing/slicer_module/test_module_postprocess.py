@@ -32,12 +32,12 @@ def test_the_checkbox_means_the_cards_clean_up(model_card):
     assert (ml.clean_up_default(none), ml.clean_up_default(largest), ml.clean_up_default(small)) == (False, True, True)
     assert ml.clean_up_default(None) is False  # an unreadable package: nothing to go by
     request = SegmentationRequest(None, model_card.id)
-    cases = {
-        (None, none): "card", (None, largest): "card",
-        (True, none): "keep-largest", (True, largest): "keep-largest", (True, small): "min-volume:500",
-        (False, none): "none", (False, largest): "none", (False, small): "none",
-    }
-    for (clean_up, card), expected in cases.items():
+    cases = [
+        (None, none, "card"), (None, largest, "card"),
+        (True, none, "keep-largest"), (True, largest, "keep-largest"), (True, small, "min-volume:500"),
+        (False, none, "none"), (False, largest, "none"), (False, small, "none"),
+    ]
+    for clean_up, card, expected in cases:
         r = SegmentationRequest(None, model_card.id, clean_up=clean_up)
         assert ml.postprocess_option(r, card) == expected, (clean_up, card.postprocessing)
     assert request.clean_up is None  # a script that says nothing gets the card's default

@@ -49,8 +49,10 @@ def test_every_python_file_of_the_module_is_listed(cmake):
     listed = {_expand(e) for e in _cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")}
     shipped = {p.relative_to(MODULE_DIR).as_posix() for p in LIB_DIR.rglob("*.py")} | {"SRCSMSegmenter.py"}
     assert not shipped - listed, f"not in MODULE_PYTHON_SCRIPTS (would be missing from the package): {shipped - listed}"
-    assert not [p for p in LIB_DIR.rglob("*") if p.is_dir() and p.name != "__pycache__"], \
-        "SRCSMSegmenterLib has sub-packages: list their files too and extend this test"
+    # sub-packages (web/) are copied with their relative paths by the scripted-module macro: each needs
+    # its __init__.py listed to import from the installed tree
+    for sub in (p for p in LIB_DIR.rglob("*") if p.is_dir() and p.name != "__pycache__"):
+        assert f"{(sub / '__init__.py').relative_to(MODULE_DIR).as_posix()}" in listed, sub
 
 
 def test_resources_and_data_are_shipped(cmake):
@@ -164,9 +166,9 @@ def test_ui_parameter_bindings_name_parameter_node_fields():
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SRCSMSegmenterParameterNode")
     fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
-    assert fields == {"inputVolume", "modelId", "sourceMatching", "device", "roi", "outputSegmentation"}
+    assert fields == {"inputVolume", "modelId", "sourceMatching", "cleanUp", "device", "roi", "outputSegmentation"}
     bound = {_property(e, "SlicerParameterName") for e in _ui_widgets().values()} - {None}
-    assert bound == {"inputVolume", "sourceMatching", "roi", "outputSegmentation"}
+    assert bound == {"inputVolume", "sourceMatching", "cleanUp", "roi", "outputSegmentation"}
     assert bound <= fields
 
 
