@@ -9,9 +9,14 @@ Split like trame-slicer itself, one job per module:
 * :mod:`.workflow` — load → preview → segment → save on an MRML scene, through
   :class:`..module_logic.SRCSMModuleLogic` (no second implementation of any step); needs slicer-core,
   not trame.
-* :mod:`.app` / :mod:`.ui` — the trame application (views, segment editor, the SRCSM panel).
+* :mod:`.app` — the trame application: trame-slicer's scene, views and segment editor, composed with
+  one logic class per feature of the page, as trame-slicer's own apps are built:
+  :mod:`.load_logic` (list, upload, load), :mod:`.preview_logic` (source-matching preview),
+  :mod:`.segment_logic` (background job, progress, cancel), :mod:`.save_logic` (saving); they share
+  :mod:`.page` (state names, messages); :mod:`.views` (layout, linked preview) and :mod:`.ui` (widgets).
 * :mod:`.server` — ``srcsm web``: interface checks, then serve.
 
-Only :mod:`.app`, :mod:`.ui` and :mod:`.server`'s ``serve`` import trame, lazily: importing
+Only the trame modules (:mod:`.app` and what it imports) need trame, and only ``srcsm web`` imports
+them, lazily (:mod:`.server`'s ``serve``): importing
 ``SRCSMSegmenterLib`` (or the ``srcsm`` command) never needs the ``web`` extra.
 """

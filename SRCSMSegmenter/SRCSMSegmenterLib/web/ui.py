@@ -21,17 +21,7 @@ from trame_slicer.app.ui import (
     ViewerLayout,
 )
 
-#: Names of the page's state variables (one place, shared with :mod:`.app`).
-S = {
-    "files": "srcsm_files", "loaded": "srcsm_loaded", "busy": "srcsm_busy", "error": "srcsm_error",
-    "info": "srcsm_info", "models": "srcsm_models", "model": "srcsm_model", "card": "srcsm_model_card",
-    "source_matching": "srcsm_source_matching", "device": "srcsm_device", "devices": "srcsm_devices",
-    "chart_before": "srcsm_chart_before", "chart_after": "srcsm_chart_after", "chart_curve": "srcsm_chart_curve",
-    "previewed": "srcsm_previewed", "job_status": "srcsm_job_status", "job_progress": "srcsm_job_progress",
-    "job_message": "srcsm_job_message", "job_details": "srcsm_job_details", "save_name": "srcsm_save_name",
-    "overwrite_question": "srcsm_overwrite_question", "saved": "srcsm_saved", "max_upload": "srcsm_max_upload",
-    "segmented": "srcsm_segmented",
-}
+from .page import S
 
 
 def _upload_js(trigger: str) -> str:
@@ -163,4 +153,4 @@ class SRCSMWebUI:
                     v.VBtn("Replace", color="error", click=(ctrl.srcsm_save, "[true]"), id="srcsm-overwrite-yes")
 
 
-__all__ = ["S", "SRCSMWebUI"]
+__all__ = ["SRCSMWebUI"]
