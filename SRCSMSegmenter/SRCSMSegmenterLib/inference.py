@@ -2,8 +2,9 @@
 
 Pipeline (docs/DESIGN.md): source matching (optional) → normalisation of the *source* modality →
 σ = 1 mm pre-smoothing and resampling to the world-aligned model grid → Gaussian-weighted sliding
-window (MONAI's inferer) → softmax probabilities resampled linearly back onto the input grid → argmax →
-optional largest-component clean-up.
+window (MONAI's windows and blending; windows that hold no voxel the output reads are skipped) →
+softmax probabilities resampled linearly back onto the input grid → argmax → optional clean-up.
+The resampling in both directions costs what it produces, not the input's size (:mod:`.resampling`).
 
 Departure from the paper (docs/SRCSM.md, "Our departures" 1): no ground-truth landmark ROI; the
 sliding window covers the whole volume, or a user-given ROI.
@@ -28,7 +29,8 @@ from .modelpackage import ModelPackage
 from .normalization import Normalization, default_normalization, normalize
 from .postprocess import PostProcessing, keep_largest_components  # noqa: F401 (re-exported)
 from .postprocess import apply as apply_postprocessing
-from .preprocessing import Grid, argmax_in_target_grid, model_grid, to_model_grid
+from .preprocessing import Grid, argmax_in_target_grid, model_grid, needed_mask, to_model_grid
+from .sliding_window import sliding_window_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +107,20 @@ class Segmenter:
     # ------------------------------------------------------------------------------ main entry
     def prepare(self, volume: Volume, source_matching: bool = True,
                 target_modality: Modality | Literal["auto"] = "auto",
-                roi_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, Grid, Normalization]:
-        """Model-grid network input (float32, K,J,I) for a volume, its grid and the normalisation used."""
+                roi_bounds: tuple[np.ndarray, np.ndarray] | None = None,
+                timings: dict[str, float] | None = None) -> tuple[np.ndarray, Grid, Normalization]:
+        """Model-grid network input (float32, K,J,I) for a volume, its grid and the normalisation used.
+
+        ``timings``, when given, receives ``match_s`` and ``resample_in_s`` (resampling + normalising)."""
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
         validate_array(volume.array, "the input volume")
         modality = guess_modality(volume.array) if target_modality == "auto" else target_modality
         if source_matching:
             self.progress(0.01, "Source matching")
             volume = match(volume, self.card.source_profile, modality)
+        timings["match_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         norm = self._normalization_for(source_matching, modality)
         self._check_cancel()
         grid = model_grid(volume.geometry, volume.shape, self.card.spacing, roi_bounds)
@@ -122,36 +131,36 @@ class Segmenter:
                                   default_value=float(np.min(volume.array)))
         self._check_cancel()
         self.progress(0.10, "Normalising")
-        return normalize(resampled.array, norm), grid, norm
+        x = normalize(resampled.array, norm)
+        timings["resample_in_s"] = time.perf_counter() - t0
+        return x, grid, norm
 
-    def _predict(self, x: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:
-        """Softmax probabilities (C, K, J, I) on the CPU for a model-grid input."""
-        from monai.inferers import sliding_window_inference
+    def _predict(self, x: np.ndarray, device: torch.device, precision: str,
+                 needed: np.ndarray | None = None) -> torch.Tensor:
+        """Softmax probabilities (C, K, J, I) on the CPU for a model-grid input.
 
+        Only the windows holding a ``needed`` voxel run (:mod:`.sliding_window`); the probabilities
+        there are those of MONAI's Gaussian-blended inferer over the whole grid.
+        """
         net = self.network(device, precision)
         fmt = memory_format(device, precision)
         roi = tuple(int(p) for p in reversed(self.card.patch_size))  # x,y,z → K,J,I
-        overlap = self.card.inference.overlap
-        total = count_windows(x.shape, roi, overlap)
-        total_calls = math.ceil(total / self.sw_batch_size)
-        done = [0]
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
             self._check_cancel()
             with torch.inference_mode(), autocast(device, precision):
                 logits = net(patch.to(device, memory_format=fmt))
-            done[0] += 1
-            self.progress(0.12 + 0.70 * min(1.0, done[0] / max(1, total_calls)),
-                          f"Segmenting (window {done[0]}/{total_calls})")
             return torch.softmax(logits.float(), dim=1)
 
-        inputs = torch.from_numpy(x)[None, None]
+        def on_window(done: int, total: int) -> None:
+            self.progress(0.12 + 0.70 * done / max(1, total), f"Segmenting (window {done}/{total})")
+
         with torch.inference_mode():
-            probs = sliding_window_inference(
-                inputs, roi, self.sw_batch_size, predictor, overlap=overlap, mode=self.card.inference.blend_mode,
-                padding_mode="constant", cval=float(x.min()), sw_device=device, device=torch.device("cpu"),
+            return sliding_window_probabilities(
+                torch.from_numpy(x), roi, predictor, overlap=self.card.inference.overlap,
+                mode=self.card.inference.blend_mode, cval=float(x.min()), needed=needed,
+                sw_batch_size=self.sw_batch_size, sw_device=device, on_window=on_window,
             )
-        return probs[0]
 
     def segment(self, volume: Volume, source_matching: bool = True,
                 target_modality: Modality | Literal["auto"] = "auto", keep_largest: bool = False,
@@ -165,13 +174,16 @@ class Segmenter:
         timings: dict[str, float] = {}
         messages: list[str] = []
         t0 = time.perf_counter()
-        x, grid, norm = self.prepare(volume, source_matching, target_modality, roi_bounds)
+        x, grid, norm = self.prepare(volume, source_matching, target_modality, roi_bounds, timings=timings)
+        t_mask = time.perf_counter()
+        needed = needed_mask(grid, volume.geometry, volume.shape)
+        timings["needed_mask_s"] = time.perf_counter() - t_mask
         timings["preprocess_s"] = time.perf_counter() - t0
 
         device, precision = self.device, self.precision
         t1 = time.perf_counter()
         try:
-            probs = self._predict(x, device, precision)
+            probs = self._predict(x, device, precision, needed=needed)
         except CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 — only GPU out-of-memory is handled, everything else re-raised
@@ -192,7 +204,7 @@ class Segmenter:
             device = torch.device("cpu")
             precision = resolve_precision(device, "auto" if self._requested_precision in ("auto", "fp16")
                                           else self._requested_precision)
-            probs = self._predict(x, device, precision)
+            probs = self._predict(x, device, precision, needed=needed)
         timings["network_s"] = time.perf_counter() - t1
         del x
 

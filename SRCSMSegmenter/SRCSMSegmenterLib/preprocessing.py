@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .image import Geometry, Volume
+from .resampling import argmax_axis_aligned, argmax_general, axis_positions, smooth_and_resample
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -83,6 +84,10 @@ def to_model_grid(volume: Volume, grid: Grid, *, pre_smoothing_mm: float = 0.0, 
     else:
         if default_value is None:
             default_value = float(np.min(volume.array))
+        fast = smooth_and_resample(volume.array, volume.geometry, grid.geometry, grid.shape_kji, pre_smoothing_mm,
+                                   float(default_value))
+        if fast is not None:  # axis-aligned input: per-axis banded operator, same result (resampling.py)
+            return Volume(fast, grid.geometry)
         image = smooth(volume, pre_smoothing_mm)
         out = sitk.Resample(image, _reference(grid, sitk.sitkFloat32), sitk.Transform(), sitk.sitkLinear,
                             float(default_value), sitk.sitkFloat32)
@@ -101,76 +106,49 @@ def resample_channel_to(array_kji: np.ndarray, grid: Grid, target: Geometry, tar
     return sitk.GetArrayFromImage(out)
 
 
-def _axis_positions(target: Geometry, grid: Grid, shape_kji: tuple[int, int, int]) -> list[np.ndarray] | None:
-    """Continuous model-grid indices of the target's voxel centres, axis by axis (x, y, z), when the
-    target's axes are the world axes up to sign (the common case: no rotation, no axis permutation).
-    None for oblique or permuted targets."""
-    d = target.direction_matrix
-    if not np.allclose(np.abs(d), np.eye(3), atol=1e-9):
-        return None
-    sizes = (shape_kji[2], shape_kji[1], shape_kji[0])
-    out = []
-    for a in range(3):
-        world = target.origin[a] + d[a, a] * target.spacing[a] * np.arange(sizes[a])
-        out.append((world - grid.geometry.origin[a]) / grid.geometry.spacing[a])
-    return out
-
-
-def _linear_axis(pos: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Indices, upper weight and inside-mask of 1D linear interpolation with SimpleITK's semantics:
-    a point is inside when its continuous index is in [-0.5, n − 0.5); neighbours clamp at the border."""
-    i0 = np.floor(pos).astype(np.intp)
-    w1 = (pos - i0).astype(np.float32)
-    inside = (pos >= -0.5) & (pos < n_in - 0.5)
-    i1 = np.clip(i0 + 1, 0, n_in - 1)
-    return np.clip(i0, 0, n_in - 1), i1, w1, inside
-
-
 def argmax_in_target_grid(probs: np.ndarray, grid: Grid, target: Geometry, target_shape_kji: tuple[int, int, int],
-                          background_channel: int = 0, slab: int = 8,
-                          check_cancel=lambda: None) -> np.ndarray:
+                          background_channel: int = 0, check_cancel=lambda: None) -> np.ndarray:
     """Argmax of class probabilities (C, K, J, I on the model grid) after linear resampling onto a
     target grid, as uint8 labels. Outside the model grid the background channel is 1, the others 0.
 
-    Axis-aligned targets (most CT/MR) use separable interpolation fused with the argmax, slab by slab
-    (≈ 3× faster than SimpleITK for a 512×512×300 CT and no full-resolution float buffers); oblique
-    targets resample one channel at a time with SimpleITK and keep a running argmax.
+    Only where the argmax can change — model cells whose corners disagree — is anything
+    interpolated (:mod:`.resampling`); axis-aligned targets use separable indexing, rotated ones a
+    per-slab affine map. The labels equal those of per-channel SimpleITK resampling + argmax, with
+    no full-resolution float buffer (a 512×512×300 CT: 5 channels would be 1.5 GiB).
     """
     c = probs.shape[0]
     defaults = np.zeros(c, np.float32)
     defaults[background_channel] = 1.0
-    positions = _axis_positions(target, grid, target_shape_kji)
-    labels = np.zeros(target_shape_kji, dtype=np.uint8)
-    if positions is None:
-        best = None
-        for ch in range(c):
-            check_cancel()
-            channel = resample_channel_to(probs[ch], grid, target, target_shape_kji, float(defaults[ch]))
-            if best is None:
-                best = channel
-                continue
-            better = channel > best
-            labels[better] = ch
-            np.maximum(best, channel, out=best)
-            del channel, better
-        return labels
-    kg, jg, ig = probs.shape[1:]
-    xi0, xi1, xw, xin = _linear_axis(positions[0], ig)
-    yi0, yi1, yw, yin = _linear_axis(positions[1], jg)
-    zi0, zi1, zw, zin = _linear_axis(positions[2], kg)
-    # interpolate along x then y on the (small) model grid: (C, Kg, J, I) float32
-    p = probs.astype(np.float32, copy=False)
-    a = p[..., xi0] * (1 - xw) + p[..., xi1] * xw
-    a = a[:, :, yi0, :] * (1 - yw)[:, None] + a[:, :, yi1, :] * yw[:, None]
-    outside_xy = ~(yin[:, None] & xin[None, :])
-    any_outside_xy = bool(outside_xy.any())
-    for k0 in range(0, target_shape_kji[0], slab):
-        check_cancel()
-        ks = slice(k0, min(target_shape_kji[0], k0 + slab))
-        w = zw[ks][None, :, None, None]
-        vals = a[:, zi0[ks]] * (1 - w) + a[:, zi1[ks]] * w  # (C, slab, J, I)
-        vals[:, ~zin[ks]] = defaults[:, None, None, None]
-        if any_outside_xy:
-            vals[:, :, outside_xy] = defaults[:, None, None]
-        labels[ks] = np.argmax(vals, axis=0)
-    return labels
+    positions = axis_positions(grid.geometry, grid.shape_kji, target, target_shape_kji)
+    if positions is not None:
+        return argmax_axis_aligned(probs, positions, target_shape_kji, defaults, check_cancel=check_cancel)
+    return argmax_general(probs, grid.geometry, target, target_shape_kji, defaults, check_cancel=check_cancel)
+
+
+def needed_mask(grid: Grid, target: Geometry, target_shape_kji: tuple[int, int, int]) -> np.ndarray:
+    """Model-grid voxels (bool, K,J,I) that resampling back onto the target can read.
+
+    A target voxel is interpolated from the 8 model voxels around it, each within one model voxel
+    per axis, so within √3 · spacing of the box spanned by the target's voxel centres (a box in the
+    target's own, orthonormal, axes). Voxels farther than that are never read: the sliding window
+    need not compute them (an oblique stack's world-aligned grid is mostly such voxels).
+    """
+    d = target.direction_matrix
+    n = np.array([target_shape_kji[2], target_shape_kji[1], target_shape_kji[0]], float)
+    extent = (n - 1) * np.asarray(target.spacing)
+    sm, om = np.asarray(grid.geometry.spacing), np.asarray(grid.geometry.origin)
+    # world offsets from the target origin along each world axis (the model grid is world-aligned)
+    rel = [(om[a] + sm[a] * np.arange(grid.size[a]) - target.origin[a]).astype(np.float32) for a in range(3)]
+    limit = np.float32(3.0 * float(sm.max()) ** 2 * (1 + 1e-6))
+    dist2 = np.zeros(grid.shape_kji, dtype=np.float32)
+    q = np.empty(grid.shape_kji, dtype=np.float32)
+    for b in range(3):  # coordinate along the target's axis b: Σ_a d[a, b] · rel_a, separable; in place
+        half = np.float32(extent[b] / 2)
+        np.add((d[2, b] * rel[2])[:, None, None], (d[1, b] * rel[1])[None, :, None], out=q)
+        q += (d[0, b] * rel[0] - half)[None, None, :]
+        np.abs(q, out=q)  # distance outside [0, extent] = max(|q − extent/2| − extent/2, 0)
+        q -= half
+        np.maximum(q, 0, out=q)
+        q *= q
+        dist2 += q
+    return dist2 <= limit
