@@ -282,6 +282,37 @@ def test_skipped_windows_do_not_change_the_field_of_view(bundled, cine_stack):
     assert (a > 0).mean() > 0.01  # the network does label the heart, so the comparison is not vacuous
 
 
+@pytest.mark.parametrize("image_size, roi, overlap", [
+    ((202, 225, 212), (80, 80, 80), 0.5), ((65, 64, 65), (80, 64, 80), 0.25), ((81, 160, 79), (80, 64, 80), 0.5),
+    ((7, 300, 33), (32, 32, 32), 0.25), ((96, 96, 96), (96, 96, 96), 0.5), ((100, 41, 250), (48, 40, 64), 0.6)])
+def test_window_tiling_and_weights_are_monais(image_size, roi, overlap):
+    """Our window positions, their order and the Gaussian blending weights are MONAI's (restated so a
+    cold ``srcsm segment`` need not import monai): equal slices, bit-equal weights."""
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+
+    from SRCSMSegmenterLib.sliding_window import gaussian_importance_map, scan_interval, window_slices
+
+    padded = tuple(max(s, r) for s, r in zip(image_size, roi))
+    theirs = dense_patch_slices(padded, roi, scan_interval(padded, roi, overlap))
+    assert window_slices(image_size, roi, overlap) == list(theirs)
+    assert torch.equal(gaussian_importance_map(roi), compute_importance_map(roi, mode="gaussian", sigma_scale=0.125))
+
+
+def test_segmenting_does_not_import_monai(tmp_path, shared_data):
+    """Importing monai costs seconds of every cold ``srcsm segment``; the inference path must not."""
+    import subprocess
+    import sys
+
+    image = shared_data / "Dataset502_AbdomenMRT2" / "imagesTr" / "chaos_01_0000.nii.gz"
+    code = ("import sys; from SRCSMSegmenterLib.cli import main; rc = main(['segment', sys.argv[1], sys.argv[2], "
+            "'--progress', 'none', '--device', 'cpu']); "
+            "assert 'monai' not in sys.modules, 'monai was imported'; sys.exit(rc)")
+    out = tmp_path / "seg.nii.gz"
+    proc = subprocess.run([sys.executable, "-c", code, str(image), str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists()
+
+
 @pytest.mark.parametrize("case", ["sabs_00", "chaos_01_flipped", "chaos_02_tilted"])
 def test_fast_resampling_to_the_model_grid_matches_simpleitk(shared_data, case):
     """Smoothing + resampling per axis (axis-aligned inputs) gives SimpleITK's model-grid image;

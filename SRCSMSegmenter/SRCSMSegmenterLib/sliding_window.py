@@ -3,9 +3,10 @@
 Why not MONAI's ``sliding_window_inference`` as is: the model grid is world-aligned, so for an
 oblique input (every cardiac short-axis stack) most of its bounding box lies outside the image, and
 MONAI runs every window of the box. Here the window positions, the Gaussian importance map, the
-padding and the order of accumulation are MONAI's own (``dense_patch_slices``,
-``compute_importance_map``, the same scan interval and padding), and a window is skipped when it
-holds no voxel of ``needed``. Every window that covers a needed voxel contains it and so is run, in
+padding and the order of accumulation are MONAI's (``dense_patch_slices``, ``compute_importance_map``,
+the same scan interval and padding — re-stated below and pinned equal to MONAI's by
+``Testing/test_inference.py``, because importing ``monai`` costs 2.6 s of every cold ``srcsm segment``,
+40 % of what a user waits), and a window is skipped when it holds no voxel of ``needed``. Every window that covers a needed voxel contains it and so is run, in
 MONAI's order: the blended probabilities at needed voxels are bit-identical to MONAI's. Voxels that
 no run window covers get probability 1 for the background channel.
 """
@@ -13,6 +14,8 @@ no run window covers get probability 1 for the background channel.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+import itertools
 
 import numpy as np
 import torch
@@ -36,12 +39,35 @@ def _padding(image_size: Sequence[int], roi_size: Sequence[int]) -> list[int]:
     return pad
 
 
+def dense_window_slices(image_size: Sequence[int], roi_size: Sequence[int],
+                        interval: Sequence[int]) -> list[tuple[slice, ...]]:
+    """MONAI's ``dense_patch_slices``: per axis, starts every ``interval`` voxels until a window reaches
+    the end, the last one moved back to end exactly at the border; all combinations, first axis slowest."""
+    starts_per_axis = []
+    for size, roi, step in zip(image_size, roi_size, interval):
+        starts = [0]
+        while starts[-1] + roi < size:
+            starts.append(starts[-1] + step)
+        starts_per_axis.append([min(s, size - roi) for s in starts])
+    return [tuple(slice(s, s + r) for s, r in zip(corner, roi_size)) for corner in itertools.product(*starts_per_axis)]
+
+
+def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """MONAI's ``compute_importance_map(mode="gaussian")``: the outer product of one 1-D Gaussian per axis
+    (σ = ``sigma_scale`` × window size, centred between the middle voxels), floored at its minimum or 1e-3."""
+    weight: torch.Tensor | None = None
+    for axis, size in enumerate(roi_size):
+        x = torch.arange(start=-(size - 1) / 2.0, end=(size - 1) / 2.0 + 1, dtype=torch.float)
+        g = torch.exp(x ** 2 / (-2 * (size * sigma_scale) ** 2))
+        weight = g if weight is None else weight.unsqueeze(-1) * g[(None,) * axis]
+    assert weight is not None
+    return torch.clamp_(weight, min=max(float(weight.min()), 1e-3))
+
+
 def window_slices(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
     """Window positions in the (padded) image, in the order MONAI visits them."""
-    from monai.data.utils import dense_patch_slices
-
     padded = tuple(max(s, r) for s, r in zip(image_size, roi_size))
-    return list(dense_patch_slices(padded, tuple(roi_size), scan_interval(padded, roi_size, overlap)))
+    return dense_window_slices(padded, tuple(roi_size), scan_interval(padded, roi_size, overlap))
 
 
 def _pad_mask(needed: np.ndarray, roi_size: Sequence[int]) -> np.ndarray:
@@ -69,8 +95,6 @@ def sliding_window_probabilities(image: torch.Tensor, roi_size: Sequence[int], p
     ``needed`` (bool, same shape; None = all) marks the voxels whose probabilities are used;
     ``on_window(done, total)`` is called after each batch of windows (progress, cancellation).
     """
-    from monai.data.utils import compute_importance_map
-
     sw_device = sw_device or torch.device("cpu")
     roi = tuple(int(r) for r in roi_size)
     image_size_ = tuple(int(s) for s in image.shape)
@@ -84,8 +108,12 @@ def sliding_window_probabilities(image: torch.Tensor, roi_size: Sequence[int], p
     if any(pad):
         x = F.pad(x, pad=pad, mode="constant", value=cval)
     size = tuple(x.shape[2:])
-    weight = compute_importance_map(roi, mode=mode, sigma_scale=0.125, device=sw_device,
-                                    dtype=torch.float32)[None, None]
+    if mode == "gaussian":
+        weight = gaussian_importance_map(roi)[None, None].to(sw_device)
+    elif mode == "constant":
+        weight = torch.ones((1, 1, *roi), dtype=torch.float32, device=sw_device)
+    else:
+        raise ValueError(f"unknown blending mode {mode!r}: use 'gaussian' or 'constant'")
     weight_cpu = weight.to("cpu")
     out: torch.Tensor | None = None
     count = torch.zeros((1, 1, *size), dtype=torch.float32)
