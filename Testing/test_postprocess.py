@@ -86,6 +86,48 @@ def test_min_volume_removes_islands_by_their_physical_size(real_case):
     assert np.array_equal(huge, ref.array)
 
 
+def _whole_volume_reference(labels: np.ndarray, values: list[int], min_voxels: float | None) -> np.ndarray:
+    """The definition, on the whole array: per label, components of the full mask."""
+    out = labels.copy()
+    for value in values:
+        comp, n = ndimage.label(labels == value, structure=STRUCTURE)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        drop = np.ones_like(sizes, bool) if min_voxels is None else sizes < min_voxels
+        drop[int(np.argmax(sizes))] = False
+        drop[0] = False
+        out[drop[comp]] = 0
+    return out
+
+
+def test_clean_up_in_bounding_boxes_equals_the_whole_volume_definition(shared_data):
+    """Components are found inside each label's bounding box (fast on a clinical-size CT); the result is
+    the whole-volume definition's, voxel for voxel — with islands at the array's faces and corners, a
+    label absent, and a label value above every present one."""
+    ref = read_volume(shared_data / "Dataset501_AbdomenCT" / "labelsTr" / "sabs_00.nii.gz")
+    labels = ref.array.copy()
+    rng = np.random.default_rng(0)
+    for value in (1, 2, 4):
+        for _ in range(12):
+            size = rng.integers(1, 6, 3)
+            corner = [int(rng.integers(0, n - s + 1)) for n, s in zip(labels.shape, size)]
+            labels[tuple(slice(c, c + s) for c, s in zip(corner, size))] = value
+    labels[0, 0, 0] = 3
+    labels[-1, -1, -1] = 1
+    labels[labels == 2] = np.where(rng.random((labels == 2).sum()) < 0.02, 0, 2)  # a ragged organ
+    values = [1, 2, 3, 4, 7]
+    assert all(_components(labels == v) > 5 for v in (1, 2, 4))
+    kept = postprocess.keep_largest_components(labels.copy(), values)
+    assert np.array_equal(kept, _whole_volume_reference(labels, values, None))
+    assert all(_components(kept == v) == 1 for v in (1, 2, 3, 4))
+    for min_voxels in (8.0, 60.0):
+        got = postprocess.remove_small_components(labels.copy(), values, min_voxels)
+        assert np.array_equal(got, _whole_volume_reference(labels, values, min_voxels))
+        assert not np.array_equal(got, labels)
+
+
 @pytest.fixture(scope="module")
 def cardiac_with_default(tmp_path_factory) -> Path:
     """The bundled cardiac package with a card that prescribes keep-largest (weights untouched)."""
