@@ -204,6 +204,65 @@ def test_v2_recipes_are_what_issue_15_asks_for(recipe):
     assert cfg.iterations >= 12_000 and cfg.warmup_iterations > 0 and cfg.lr_schedule != "constant"
     assert cfg.precision == "auto" and cfg.num_threads == 2
     assert len(V2_RECIPES) == 3
+    if "_mr_" in recipe.name or "cardiac" in recipe.name:  # MR percentiles ignore the fill around the anatomy
+        assert cfg.normalization is not None and cfg.normalization.exclude_minimum
+
+
+# ------------------------------------------------------------- normalisation that ignores empty space
+def _affine_on_model_grid(volume, norm):
+    from SRCSMSegmenterLib.normalization import intensity_affine
+    from SRCSMSegmenterLib.preprocessing import model_grid, to_model_grid
+
+    grid = model_grid(volume.geometry, volume.shape, (2.0, 2.0, 2.0))
+    fill = float(volume.array.min())
+    resampled = to_model_grid(volume, grid, pre_smoothing_mm=1.0, default_value=fill)
+    scale, offset, _, _ = intensity_affine(resampled.array, norm, fill)
+    return scale, offset, float((np.abs(resampled.array - fill) < 1.0).mean())
+
+
+def test_mr_percentiles_above_the_minimum_do_not_change_when_the_scan_is_padded():
+    """A real oblique cine stack (MS-CMRSeg pat_36) and the same stack padded in-plane to 500 mm with air,
+    each on its world-aligned 2 mm model grid: with ``exclude_minimum`` the normalisation is the same
+    (within 2 %); the v1 rule's shifts by more than 10 % (what cost the v1 cardiac model all three
+    structures on the padded scan)."""
+    from SRCSMSegmenterLib.image import read_volume
+    from SRCSMSegmenterLib.normalization import Normalization
+    from train.perturbations import pad_in_plane
+
+    root = SHARED_DATA / "Dataset503_CardiacBSSFP"
+    image = read_volume(root / "imagesTr" / "pat_36_0000.nii.gz")
+    label = read_volume(root / "labelsTr" / "pat_36.nii.gz")
+    padded, _ = pad_in_plane(image, label, 500.0)
+    v2 = Normalization(type="mr_robust", exclude_minimum=True)
+    v1 = Normalization(type="mr_robust")
+    s_orig, o_orig, empty_orig = _affine_on_model_grid(image, v2)
+    s_pad, o_pad, empty_pad = _affine_on_model_grid(padded, v2)
+    assert empty_pad > empty_orig + 0.15  # the padding really adds empty space (77 % → 96 % here)
+    assert s_pad == pytest.approx(s_orig, rel=0.02)
+    hi_orig, hi_pad = (1.0 - o_orig) / s_orig, (1.0 - o_pad) / s_pad  # the raw value mapped to +1
+    assert hi_pad == pytest.approx(hi_orig, rel=0.02)
+    s1_orig, o1_orig, _ = _affine_on_model_grid(image, v1)
+    s1_pad, o1_pad, _ = _affine_on_model_grid(padded, v1)
+    assert abs((1.0 - o1_pad) / s1_pad - (1.0 - o1_orig) / s1_orig) > 0.1 * abs((1.0 - o1_orig) / s1_orig)
+
+
+def test_exclude_minimum_is_an_mr_option_and_old_cards_and_caches_keep_the_v1_rule(tmp_path):
+    import hashlib
+
+    from SRCSMSegmenterLib.normalization import Normalization
+    from train.cache import CACHE_VERSION, cache_key
+    from train.datasets import load_dataset
+
+    assert Normalization.model_validate({"type": "mr_robust", "percentiles": [5, 95]}).exclude_minimum is False
+    with pytest.raises(ValueError, match="mr_robust percentiles only"):
+        Normalization(type="ct_window", window=(-125, 275), exclude_minimum=True)
+    dataset = load_dataset(SHARED_DATA / "Dataset503_CardiacBSSFP")
+    v1 = Normalization(type="mr_robust")
+    old_blob = json.dumps([CACHE_VERSION, dataset.name, [2.0, 2.0, 2.0], 1.0,
+                           {"type": "mr_robust", "window": None, "percentiles": [5.0, 95.0]}], sort_keys=True)
+    assert cache_key(dataset, (2.0, 2.0, 2.0), 1.0, v1) == hashlib.sha1(old_blob.encode()).hexdigest()[:10]
+    v2 = Normalization(type="mr_robust", exclude_minimum=True)
+    assert cache_key(dataset, (2.0, 2.0, 2.0), 1.0, v2) != cache_key(dataset, (2.0, 2.0, 2.0), 1.0, v1)
 
 
 # ----------------------------------------------------------------------- existing runs, progress

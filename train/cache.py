@@ -39,8 +39,10 @@ class CachedCase:
 
 def cache_key(dataset: Dataset, spacing: tuple[float, float, float], pre_smoothing_mm: float,
               normalization: Normalization) -> str:
-    blob = json.dumps([CACHE_VERSION, dataset.name, list(spacing), pre_smoothing_mm,
-                       normalization.model_dump(mode="json")], sort_keys=True)
+    norm = normalization.model_dump(mode="json")
+    if not norm.get("exclude_minimum"):  # the v1 rule keeps the caches (and keys) it always had
+        norm.pop("exclude_minimum", None)
+    blob = json.dumps([CACHE_VERSION, dataset.name, list(spacing), pre_smoothing_mm, norm], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -67,7 +69,7 @@ def build_cache(dataset: Dataset, cases: list[Case], root: Path, spacing: tuple[
         fill = float(np.min(image.array))
         img = to_model_grid(image, grid, pre_smoothing_mm=pre_smoothing_mm, default_value=fill)
         lab = to_model_grid(label, grid, is_label=True)
-        scale, offset, lo, hi = intensity_affine(img.array, normalization)
+        scale, offset, lo, hi = intensity_affine(img.array, normalization, fill)
         _atomic_save(folder / f"{case.id}_img.npy", img.array.astype(np.float32))
         _atomic_save(folder / f"{case.id}_lbl.npy", lab.array.astype(np.uint8))
         meta = {"id": case.id, "shape": list(img.array.shape), "origin": list(grid.geometry.origin),

@@ -281,7 +281,7 @@ class PatchSampler:
 
         lo, hi = box
         view = case.image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        scale, offset, _, _ = intensity_affine(view, self.norm)
+        scale, offset, _, _ = intensity_affine(view, self.norm, case.fill_value)
         return scale, offset
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -127,11 +127,12 @@ class Segmenter:
         if roi_bounds is not None and min(grid.size) < 2:
             raise InputError("The region of interest does not overlap the volume. Move or enlarge the ROI.")
         self.progress(0.04, "Resampling to the model grid")
+        fill = float(np.min(volume.array))
         resampled = to_model_grid(volume, grid, pre_smoothing_mm=self.card.inference.pre_smoothing_mm,
-                                  default_value=float(np.min(volume.array)))
+                                  default_value=fill)
         self._check_cancel()
         self.progress(0.10, "Normalising")
-        x = normalize(resampled.array, norm)
+        x = normalize(resampled.array, norm, fill)
         timings["resample_in_s"] = time.perf_counter() - t0
         return x, grid, norm
 
