@@ -186,7 +186,7 @@ def test_cancel_leaves_no_partial_output(tmp_path, env, tiny_model, mr_image):
     out = tmp_path / "out.seg.nrrd"
     proc = subprocess.Popen([sys.executable, "-m", "SRCSMSegmenterLib.cli", "segment", str(mr_image), str(out),
                              "--model", str(tiny_model), "--progress", "json", "--device", "cpu"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     for line in proc.stderr:  # wait until the network runs
         if '"progress"' in line and "window" in line:
             break

@@ -67,7 +67,7 @@ def test_cli_gpu_on_this_machine_names_cuda(tmp_path, tiny_model, shared_data):
     env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
     proc = subprocess.run([sys.executable, "-m", "SRCSMSegmenterLib.cli", "segment", str(image),
                            str(tmp_path / "o.seg.nrrd"), "--model", str(tiny_model), "--device", "gpu",
-                           "--progress", "none"], env=env, capture_output=True, text=True, timeout=300)
+                           "--progress", "none"], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "CUDA" in proc.stderr and "MPS" not in proc.stderr
     assert not (tmp_path / "o.seg.nrrd").exists()

@@ -308,7 +308,7 @@ def test_segmenting_does_not_import_monai(tmp_path, shared_data):
             "'--progress', 'none', '--device', 'cpu']); "
             "assert 'monai' not in sys.modules, 'monai was imported'; sys.exit(rc)")
     out = tmp_path / "seg.nii.gz"
-    proc = subprocess.run([sys.executable, "-c", code, str(image), str(out)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, str(image), str(out)], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.exists()
 

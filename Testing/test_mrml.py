@@ -356,7 +356,7 @@ def test_library_imports_without_slicer_or_vtk():
             "    sys.modules[name] = None  # any import of them now fails\n"
             "import SRCSMSegmenterLib, SRCSMSegmenterLib.segio, SRCSMSegmenterLib.mrml\n"
             "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 

@@ -223,7 +223,7 @@ def test_sigterm_writes_a_checkpoint_at_the_current_iteration_and_resume_continu
     recipe.write_text(cfg.model_dump_json(), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "train", "fit", str(recipe)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     log = tmp_path / "run" / "log.csv"
     deadline = time.monotonic() + 300
     while (not log.is_file() or len(log.read_text(encoding="utf-8").splitlines()) < 4) and proc.poll() is None:
@@ -289,12 +289,12 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "train", "fit", str(cfg_path), *common, "--set", "batch_size=2",
-                          "--set", f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env,
+                          "--set", f"output_dir={tmp_path / 'one'}"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env,
                          timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "train", "fit", str(cfg_path), *common, "--set", "batch_size=1",
-                          "--set", f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, env=env,
+                          "--set", f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env,
                          timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "checkpoint.json").read_text(encoding="utf-8"))

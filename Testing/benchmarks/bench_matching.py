@@ -109,7 +109,7 @@ def reset_peak_rss() -> bool:
 
 def run_child(script: Path, args: list[str], timeout: float = 1800) -> dict:
     """Run ``script`` in a fresh interpreter and parse the JSON object on its last stdout line."""
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                               str(REPO / "SRCSMSegmenter"), str(REPO), os.environ.get("PYTHONPATH")]))})
     if proc.returncode != 0:

@@ -63,7 +63,7 @@ def child(recipe: str, precision: str, iterations: int, warmup: int, cache: str)
 
 def git_state() -> str:
     def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace").stdout.strip()
 
     head = run("log", "-1", "--format=%h %s")
     dirty = run("status", "--porcelain", "--", "train")
@@ -122,7 +122,7 @@ def main() -> None:
     for recipe in recipes:
         for precision in args.precisions:
             proc = subprocess.run([sys.executable, __file__, "--child", recipe, precision, str(args.iterations),
-                                   str(args.warmup), args.cache], cwd=ROOT, capture_output=True, text=True)
+                                   str(args.warmup), args.cache], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace")
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(f"{recipe} {precision}: failed\n{proc.stderr[-2000:]}", flush=True)

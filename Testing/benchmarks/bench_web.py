@@ -112,7 +112,7 @@ def main() -> int:
     load = os.getloadavg()
     print(f"Machine: {_cpu()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
           f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; {datetime.date.today().isoformat()}")
-    print(f"Chromium {subprocess.run([CHROMIUM, '--version'], capture_output=True, text=True).stdout.strip()}, "
+    print(f"Chromium {subprocess.run([CHROMIUM, '--version'], capture_output=True, text=True, encoding="utf-8", errors="replace").stdout.strip()}, "
           f"headless, software rendering; views rendered by VTK on the server (EGL, Mesa llvmpipe)\n")
     print("| step | median | min | max | runs |\n|---|---|---|---|---|")
     print(f"| server ready (start → first HTTP answer) | {server_ready:.2f} s | | | 1 |")

@@ -209,5 +209,5 @@ def test_module_lib_imports_without_qt_slicer_or_vtk():
             "SRCSMSegmenterLib.dependencies, SRCSMSegmenterLib.signals, SRCSMSegmenterLib.model_info, "
             "SRCSMSegmenterLib.matching_plot\n"
             "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -44,5 +44,5 @@ def test_core_and_cli_import_without_trame():
     code = ("import sys, SRCSMSegmenterLib.cli, SRCSMSegmenterLib.web.datafolder, SRCSMSegmenterLib.web.server, "
             "SRCSMSegmenterLib.web.charts; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('trame', 'trame_slicer', 'trame_server', 'wslink')]; print(bad); sys.exit(1 if bad else 0)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
