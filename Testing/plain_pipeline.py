@@ -33,7 +33,7 @@ def plain_segment(volume: Volume, package: ModelPackage, *, modality: str = "CT"
     card = package.card
     device = torch.device("cpu")
     net = network if network is not None else package.build_network()
-    fmt = memory_format(device, precision)
+    fmt = memory_format(device, precision, net)
     net = net.to(memory_format=fmt)
     t: dict[str, float] = {}
     t0 = time.perf_counter()

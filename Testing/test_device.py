@@ -71,3 +71,40 @@ def test_cli_gpu_on_this_machine_names_cuda(tmp_path, tiny_model, shared_data):
     assert proc.returncode == 2, proc.stderr
     assert "CUDA" in proc.stderr and "MPS" not in proc.stderr
     assert not (tmp_path / "o.seg.nrrd").exists()
+
+
+def _unet(norm: str) -> torch.nn.Module:
+    from SRCSMSegmenterLib.network import build_network
+
+    return build_network("srcsm_unet", {"channels": [4, 8], "dropout": 0.0, "norm": norm,
+                                        "in_channels": 1, "out_channels": 3})
+
+
+def test_memory_format_channels_last_only_where_it_is_faster():
+    """CPU bf16: channels-last for the plain U-Net (oneDNN's fast convolutions), contiguous for the
+    instance-norm U-Net of recipe v2 (its channels-last bf16 norm kernels are slower); GPUs and fp32
+    always contiguous. The trainer, the inference and validation all ask with their network."""
+    from SRCSMSegmenterLib.device import memory_format
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    plain, v2 = _unet("none"), _unet("instance")
+    assert memory_format(cpu, "bf16", plain) == torch.channels_last_3d
+    assert memory_format(cpu, "bf16") == torch.channels_last_3d
+    assert memory_format(cpu, "bf16", v2) == torch.contiguous_format
+    assert memory_format(cpu, "fp32", plain) == torch.contiguous_format
+    assert memory_format(cuda, "bf16", plain) == torch.contiguous_format
+
+
+def test_segmenter_runs_an_instance_norm_network_contiguous():
+    """The layout the Segmenter puts its network in follows the network (same values either way)."""
+    import types
+
+    from SRCSMSegmenterLib.inference import Segmenter
+
+    for norm, channels_last in (("instance", False), ("none", True)):
+        package = types.SimpleNamespace(card=None, build_network=lambda norm=norm: _unet(norm))
+        net = Segmenter(package, device="cpu", precision="fp32").network(torch.device("cpu"), "bf16")
+        # a convolution with several input channels (one input channel is both layouts at once)
+        weight = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1).weight
+        assert weight.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+        assert weight.is_contiguous() != channels_last

@@ -506,7 +506,7 @@ class Trainer:
         self.network_spec = {"architecture": cfg.network["architecture"], "parameters": params}
         torch.manual_seed(cfg.seed)
         self.model = build_network(self.network_spec["architecture"], params).to(self.device)
-        self.model = self.model.to(memory_format=memory_format(self.device, self.precision))
+        self.model = self.model.to(memory_format=memory_format(self.device, self.precision, self.model))
         self.ddp_model = self.model
         if self.dist.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -603,7 +603,7 @@ class Trainer:
         with torch.no_grad():
             views = apply_appearance(cfg.augmentation, x, lab, self.num_classes, self.gen)
         views = views if isinstance(views, tuple) else (views,)
-        fmt = memory_format(self.device, self.precision)
+        fmt = memory_format(self.device, self.precision, self.model)
         self.ddp_model.train()
         with autocast(self.device, self.precision):
             # all views in one forward pass (GIN-IPA: three), as their recipe does
@@ -657,7 +657,8 @@ class Trainer:
 
         if not self.val_data:
             return {}
-        net = self.ema_network().to(self.device).to(memory_format=memory_format(self.device, self.precision))
+        net = self.ema_network().to(self.device)
+        net = net.to(memory_format=memory_format(self.device, self.precision, net))
         dices = []
         for case in self.val_data:
             x = normalize_tensor(torch.from_numpy(np.array(case.image, dtype=np.float32)), case.norm_scale,

@@ -97,7 +97,7 @@ class Segmenter:
         if self._network_device != device:
             self._network = self._network.to(device)
             self._network_device = device
-        return self._network.to(memory_format=memory_format(device, precision))
+        return self._network.to(memory_format=memory_format(device, precision, self._network))
 
     def _normalization_for(self, use_sm: bool, modality: Modality) -> Normalization:
         if use_sm or modality == self.card.source.modality:
@@ -144,7 +144,7 @@ class Segmenter:
         there are those of MONAI's Gaussian-blended inferer over the whole grid.
         """
         net = self.network(device, precision)
-        fmt = memory_format(device, precision)
+        fmt = memory_format(device, precision, net)
         roi = tuple(int(p) for p in reversed(self.card.patch_size))  # x,y,z → K,J,I
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
