@@ -113,7 +113,8 @@ def autocast(device: torch.device, precision: str) -> ContextManager:
 
 def has_instance_norm(network: torch.nn.Module) -> bool:
     """True when the network normalises per instance (recipe v2's U-Net)."""
-    return any(isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) for m in network.modules())
+    norms = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
+    return any(isinstance(m, norms) for m in network.modules())
 
 
 def memory_format(device: torch.device, precision: str,
