@@ -186,30 +186,59 @@ def test_cli_reports_the_clean_up_and_refuses_an_unknown_one(cardiac_with_defaul
 
 
 def test_choose_on_validation_cases_and_write_the_card(shared_data, tmp_path):
-    """The measurement behind the bundled cards' choice, on one cardiac validation case, and the card
-    edit that records it (a text edit: every other byte of model.json stays)."""
-    from train.choose_postprocessing import CANDIDATES, DICE_TIE, choose, measure, write_card
+    """The measurement behind the bundled cards' choice, on one cardiac validation case — both inference
+    strategies × every clean-up — and the card edit that records it (a text edit: every other byte of
+    model.json stays)."""
+    from train.choose_postprocessing import CANDIDATES, DICE_TIE, STRATEGIES, choose, measure, write_card
 
     summary = measure(MODELS / "cardiac-bssfp-srcsm", shared_data / "Dataset503_CardiacBSSFP", ["val"], limit=1,
                       log=lambda m: None)
-    assert summary["cases"] == ["pat_36"] and len(summary["candidates"]) == len(CANDIDATES)
+    assert summary["cases"] == ["pat_36"] and set(summary["strategies"]) == set(STRATEGIES)
+    for per_strategy in summary["strategies"].values():
+        assert len(per_strategy["candidates"]) == len(CANDIDATES) and per_strategy["network_s_median"] > 0
     chosen = choose(summary)
-    best = max(v["dice"] for v in summary["candidates"].values())
-    assert summary["candidates"][chosen.cli_value()]["dice"] >= best - DICE_TIE
-    assert "1 Dataset503_CardiacBSSFP val cases" in chosen.chosen_by
+    best = max(c["dice"] for s in summary["strategies"].values() for c in s["candidates"].values())
+    picked = summary["strategies"][chosen.strategy]["candidates"][chosen.postprocessing.cli_value()]
+    assert picked["dice"] >= best - DICE_TIE
+    assert "1 Dataset503_CardiacBSSFP val cases" in chosen.postprocessing.chosen_by
+    assert all(s in chosen.strategy_chosen_by for s in STRATEGIES)  # both measured, both reported
     folder = tmp_path / "pkg"
     shutil.copytree(MODELS / "cardiac-bssfp-srcsm", folder)
     before = (folder / "model.json").read_text(encoding="utf-8")
-    write_card(folder, chosen)
-    assert load_package(folder).card.postprocessing == chosen
+    write_card(folder, chosen.postprocessing)
+    assert load_package(folder).card.postprocessing == chosen.postprocessing
     after = (folder / "model.json").read_text(encoding="utf-8")
     data_before, data_after = json.loads(before), json.loads(after)
     data_before.pop("postprocessing", None), data_after.pop("postprocessing")
     assert data_before == data_after
-    write_card(folder, PostProcessing(method="min_volume", min_volume_mm3=42, chosen_by="again"))
-    assert load_package(folder).card.postprocessing.min_volume_mm3 == 42
+    write_card(folder, PostProcessing(method="min_volume", min_volume_mm3=42, chosen_by="again"),
+               strategy="sliding_window", strategy_chosen_by="by hand")
+    card = load_package(folder).card
+    assert card.postprocessing.min_volume_mm3 == 42
+    assert card.inference.strategy == "sliding_window" and card.inference.chosen_by == "by hand"
+    assert card.inference.overlap == json.loads(before)["inference"]["overlap"]  # the rest of the block kept
+    data_again = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    for d in (data_before, data_again):
+        d.pop("postprocessing", None), d.pop("inference")
+    assert data_before == data_again
     with pytest.raises(ValueError, match="no model.json"):
-        write_card(tmp_path, chosen)
+        write_card(tmp_path, chosen.postprocessing)
+
+
+def test_choose_prefers_the_better_strategy_and_breaks_ties_by_order():
+    from train.choose_postprocessing import CANDIDATES, choose
+
+    def summary(dice_whole: float, dice_sliding: float) -> dict:
+        def cands(d):
+            return {c.cli_value(): {"dice": d - 0.01 * (c.method != "none"), "hd95": 5.0} for c in CANDIDATES}
+        return {"cases": ["a"], "dataset": "D", "splits": ["val"], "device": "cpu",
+                "strategies": {"whole_grid": {"network_s_median": 1.0, "candidates": cands(dice_whole)},
+                               "sliding_window": {"network_s_median": 5.0, "candidates": cands(dice_sliding)}}}
+
+    assert choose(summary(0.70, 0.80)).strategy == "sliding_window"
+    assert choose(summary(0.80, 0.70)).strategy == "whole_grid"
+    tie = choose(summary(0.80, 0.80))
+    assert tie.strategy == "whole_grid" and tie.postprocessing.method == "none"
 
 
 def test_export_writes_the_field(tiny_model):

@@ -37,15 +37,18 @@ def add_parsers(sub) -> None:
     r.add_argument("--figures", default="docs/figures", help="figure folder (with --report)")
 
     c = sub.add_parser("choose-postprocessing",
-                       help="measure the clean-ups on a model's validation cases, pick the best, optionally write "
-                            "it into the card")
+                       help="measure the inference strategies (whole grid, sliding window) and clean-ups on a "
+                            "model's validation cases, pick the best pair, optionally write it into the card")
     c.add_argument("model", help="model package folder (or catalogue id without --write-card)")
     c.add_argument("dataset", help="the model's own (source-domain) dataset")
     c.add_argument("--split", default="val", help="comma-separated splits, e.g. val or val,test (default val)")
     c.add_argument("--limit", type=int, default=None)
     c.add_argument("--device", default="cpu")
     c.add_argument("--out", default=None, help="JSON file for the measurements")
-    c.add_argument("--write-card", action="store_true", help="write the choice into MODEL/model.json")
+    c.add_argument("--strategies", default="whole_grid,sliding_window",
+                   help="comma-separated inference strategies to compare (default: both)")
+    c.add_argument("--write-card", action="store_true",
+                   help="write the choice (inference.strategy and postprocessing) into MODEL/model.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,14 +58,17 @@ def run(args: argparse.Namespace) -> int:
 
         from .choose_postprocessing import choose, measure, write_card
 
-        summary = measure(args.model, args.dataset, args.split.split(","), device=args.device, limit=args.limit)
+        strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+        summary = measure(args.model, args.dataset, args.split.split(","), device=args.device, limit=args.limit,
+                          strategies=strategies)
         chosen = choose(summary)
-        summary["chosen"] = chosen.model_dump(mode="json")
+        summary["chosen"] = {"strategy": chosen.strategy, "strategy_chosen_by": chosen.strategy_chosen_by,
+                             "postprocessing": chosen.postprocessing.model_dump(mode="json")}
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         print(json.dumps(summary["chosen"], indent=1))
         if args.write_card:
-            print(f"wrote {write_card(args.model, chosen)}")
+            print(f"wrote {write_card(args.model, chosen.postprocessing, chosen.strategy, chosen.strategy_chosen_by)}")
         return 0
     from .robustness import run_robustness, write_report
 

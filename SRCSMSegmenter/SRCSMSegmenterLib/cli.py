@@ -231,6 +231,7 @@ def cmd_segment(args: argparse.Namespace, reporter) -> int:
     counts = {lab.name: int((result.labelmap.array == lab.value).sum()) for lab in package.card.labels.labels}
     reporter.done(output=str(out.resolve()), model=package.id, device=result.device, precision=result.precision,
                   source_matching=result.source_matching, postprocessing=result.postprocessing,
+                  inference=result.strategy,
                   seconds=round(result.timings["total_s"], 2),
                   voxels=counts, target_modality=modality, warnings=warnings)
     if reporter.mode != "json":

@@ -1,9 +1,10 @@
 """Whole-volume inference: a volume in, a labelmap in the input's exact grid out.
 
 Pipeline (docs/DESIGN.md): source matching (optional) → normalisation of the *source* modality →
-σ = 1 mm pre-smoothing and resampling to the world-aligned model grid → Gaussian-weighted sliding
-window (MONAI's windows and blending; windows that hold no voxel the output reads are skipped) →
-softmax probabilities resampled linearly back onto the input grid → argmax → optional clean-up.
+σ = 1 mm pre-smoothing and resampling to the world-aligned model grid → the network, as the card's
+``inference.strategy`` says: one pass over the whole grid (:mod:`.whole_grid`), or a Gaussian-weighted
+sliding window (MONAI's windows and blending; windows that hold no voxel the output reads are
+skipped) → softmax probabilities resampled linearly back onto the input grid → argmax → optional clean-up.
 The resampling in both directions costs what it produces, not the input's size (:mod:`.resampling`).
 
 Departure from the paper (docs/SRCSM.md, "Our departures" 1): no ground-truth landmark ROI; the
@@ -26,11 +27,13 @@ from .errors import CancelledError, InputError, SRCSMError
 from .image import Volume, validate_array
 from .matching import Modality, guess_modality, match
 from .modelpackage import ModelPackage
+from .network import spec_divisor
 from .normalization import Normalization, default_normalization, normalize
 from .postprocess import PostProcessing, keep_largest_components  # noqa: F401 (re-exported)
 from .postprocess import apply as apply_postprocessing
 from .preprocessing import Grid, argmax_in_target_grid, model_grid, needed_mask, to_model_grid
 from .sliding_window import sliding_window_probabilities
+from .whole_grid import padded_voxels, whole_grid_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
     postprocessing: str = "none"  # the clean-up applied (PostProcessing.cli_value())
+    strategy: str = "sliding_window"  # how the network ran: "whole_grid" (one pass) or "sliding_window"
 
 
 def count_windows(image_size: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
@@ -69,11 +73,13 @@ class Segmenter:
     ``progress`` receives (fraction, message); ``cancel`` is polled between sliding-window steps and
     makes :meth:`segment` raise :class:`CancelledError`. On a CUDA out-of-memory error the work is
     redone on the CPU and a message says so (``result.messages``), unless ``fallback_to_cpu=False``.
+    ``strategy`` overrides the card's ``inference.strategy`` (comparisons, benchmarks); "card" follows it.
     """
 
     def __init__(self, package: ModelPackage, device: str = "auto", precision: str = "auto",
                  progress: ProgressCallback | None = None, cancel: CancelCallback | None = None,
-                 sw_batch_size: int = 1, fallback_to_cpu: bool = True) -> None:
+                 sw_batch_size: int = 1, fallback_to_cpu: bool = True,
+                 strategy: Literal["card", "sliding_window", "whole_grid"] = "card") -> None:
         self.package = package
         self.card = package.card
         self.device = resolve_device(device)
@@ -83,6 +89,9 @@ class Segmenter:
         self.cancel = cancel or (lambda: False)
         self.sw_batch_size = sw_batch_size
         self.fallback_to_cpu = fallback_to_cpu
+        if strategy not in ("card", "sliding_window", "whole_grid"):
+            raise ValueError(f"unknown inference strategy {strategy!r}: use card, sliding_window or whole_grid")
+        self.strategy = self.card.inference.strategy if strategy == "card" else strategy
         self._network: torch.nn.Module | None = None
         self._network_device: torch.device | None = None
 
@@ -136,12 +145,20 @@ class Segmenter:
         timings["resample_in_s"] = time.perf_counter() - t0
         return x, grid, norm
 
+    def runs_whole_grid(self, grid_shape_kji: tuple[int, ...]) -> bool:
+        """True when the network will run once over this model grid (strategy and size allow it)."""
+        if self.strategy != "whole_grid":
+            return False
+        divisor = spec_divisor(self.card.network.architecture, dict(self.card.network.parameters))
+        return padded_voxels(grid_shape_kji, divisor) <= self.card.inference.max_grid_voxels
+
     def _predict(self, x: np.ndarray, device: torch.device, precision: str,
                  needed: np.ndarray | None = None) -> torch.Tensor:
         """Softmax probabilities (C, K, J, I) on the CPU for a model-grid input.
 
-        Only the windows holding a ``needed`` voxel run (:mod:`.sliding_window`); the probabilities
-        there are those of MONAI's Gaussian-blended inferer over the whole grid.
+        ``whole_grid`` (when the grid is small enough): one forward pass (:mod:`.whole_grid`). Else only
+        the windows holding a ``needed`` voxel run (:mod:`.sliding_window`); the probabilities there are
+        those of MONAI's Gaussian-blended inferer over the whole grid.
         """
         net = self.network(device, precision)
         fmt = memory_format(device, precision, net)
@@ -156,6 +173,14 @@ class Segmenter:
         def on_window(done: int, total: int) -> None:
             self.progress(0.12 + 0.70 * done / max(1, total), f"Segmenting (window {done}/{total})")
 
+        if self.runs_whole_grid(x.shape):
+            self.progress(0.12, "Segmenting (whole grid, one pass)")
+            with torch.inference_mode():
+                probs = whole_grid_probabilities(
+                    torch.from_numpy(x), predictor, cval=float(x.min()), device=device,
+                    divisor=spec_divisor(self.card.network.architecture, dict(self.card.network.parameters)))
+            on_window(1, 1)
+            return probs
         with torch.inference_mode():
             return sliding_window_probabilities(
                 torch.from_numpy(x), roi, predictor, overlap=self.card.inference.overlap,
@@ -177,7 +202,8 @@ class Segmenter:
         t0 = time.perf_counter()
         x, grid, norm = self.prepare(volume, source_matching, target_modality, roi_bounds, timings=timings)
         t_mask = time.perf_counter()
-        needed = needed_mask(grid, volume.geometry, volume.shape)
+        # the voxels the output reads: only the sliding window uses them (to skip windows)
+        needed = None if self.runs_whole_grid(grid.shape_kji) else needed_mask(grid, volume.geometry, volume.shape)
         timings["needed_mask_s"] = time.perf_counter() - t_mask
         timings["preprocess_s"] = time.perf_counter() - t0
 
@@ -225,6 +251,7 @@ class Segmenter:
             labelmap=Volume(labels, volume.geometry),
             device=str(device), precision=precision, source_matching=source_matching,
             normalization=norm, timings=timings, messages=messages, postprocessing=postprocessing.cli_value(),
+            strategy="whole_grid" if self.runs_whole_grid(grid.shape_kji) else "sliding_window",
         )
 
     def _argmax_in_input_grid(self, probs: np.ndarray, grid: Grid, volume: Volume) -> np.ndarray:

@@ -132,6 +132,17 @@ def _text_tree(value: Any, indent: str) -> list[str]:
     return lines
 
 
+def inference_text(card: ModelCard) -> str:
+    """How the network runs over a scan, as the card says (``inference.strategy``)."""
+    inf = card.inference
+    window = (f"sliding window of {' × '.join(map(str, card.patch_size))} voxels, {inf.overlap:.0%} overlap, "
+              f"{inf.blend_mode} blending")
+    if getattr(inf, "strategy", "sliding_window") == "whole_grid":
+        return (f"one pass over the whole model grid (up to {inf.max_grid_voxels / 1e6:g} M voxels; "
+                f"larger grids: {window})")
+    return window
+
+
 def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None) -> str:
     """The model card as plain text (``srcsm models info``): the same content as :func:`model_card_html`."""
     spacing = " × ".join(f"{s:g}" for s in card.spacing)
@@ -143,6 +154,8 @@ def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None)
            "  labels:      " + ", ".join(f"{lab.value} {lab.name}" for lab in card.labels.labels),
            f"  model grid:  {spacing} mm, patch {' × '.join(map(str, card.patch_size))}, "
            f"network {card.network.architecture}",
+           f"  inference:   {inference_text(card)}"
+           + (f" ({card.inference.chosen_by})" if getattr(card.inference, "chosen_by", None) else ""),
            f"  training:    {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
            f"{card.provenance.date}",
            f"  licence:     {card.license}"]
@@ -215,6 +228,7 @@ def model_card_html(card: ModelCard | None, origin: str = "", download: Download
         f"<tr><td><b>Anatomy</b></td><td>{_e(card.anatomy)}</td></tr>",
         f"<tr><td><b>Trained on</b></td><td>{_e(src)} — source matching maps other images onto this</td></tr>",
         f"<tr><td><b>Model grid</b></td><td>{spacing} mm, patch {' × '.join(map(str, card.patch_size))}</td></tr>",
+        f"<tr><td><b>Inference</b></td><td>{_e(inference_text(card))}</td></tr>",
         (f"<tr><td><b>Training</b></td><td>{_e(card.provenance.augmentation)}, "
          f"{card.provenance.iterations} iterations, {_e(card.provenance.date)}</td></tr>"),
         f"<tr><td><b>Licence</b></td><td>{_e(card.license)}</td></tr>",

@@ -61,12 +61,29 @@ class NetworkSpec(_Strict):
     parameters: dict[str, Any]
 
 
+#: Model grids up to this many voxels (after padding to the network's divisor) run as one window under
+#: ``strategy="whole_grid"``: a 176×160×192 cardiac grid (5.4 M) peaks at ≈ 2 GiB on the CPU in bf16.
+WHOLE_GRID_MAX_VOXELS = 8_000_000
+
+
 class InferenceSpec(_Strict):
-    """How the model is applied (SRCSM §5, with our sliding-window departure)."""
+    """How the model is applied (SRCSM §5, with our sliding-window departure).
+
+    ``strategy``: ``sliding_window`` runs ``patch_size`` windows with Gaussian blending (MONAI's);
+    ``whole_grid`` runs the fully convolutional network once over the whole model grid (padded to its
+    divisor) when it holds at most ``max_grid_voxels`` voxels, else falls back to the sliding window.
+    One pass sees the whole field of view and has no window seams; which strategy a model uses is
+    measured on its validation cases (``python -m train choose-postprocessing``), recorded in
+    ``chosen_by``. Cards without the field keep the sliding window.
+    """
 
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     blend_mode: Literal["gaussian", "constant"] = "gaussian"
     pre_smoothing_mm: float = Field(1.0, ge=0.0, description="Gaussian σ applied before resampling (§3.4)")
+    strategy: Literal["sliding_window", "whole_grid"] = "sliding_window"
+    max_grid_voxels: int = Field(WHOLE_GRID_MAX_VOXELS, ge=1,
+                                 description="whole_grid only: larger (padded) grids use the sliding window")
+    chosen_by: str | None = Field(None, description="how the strategy was chosen (measurements)")
 
 
 class Provenance(_Strict):

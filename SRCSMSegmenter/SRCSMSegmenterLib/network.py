@@ -108,3 +108,11 @@ def build_network(architecture: str, parameters: dict[str, Any]) -> nn.Module:
 
 def network_divisor(module: nn.Module) -> int:
     return int(getattr(module, "divisor", 1))
+
+
+def spec_divisor(architecture: str, parameters: dict[str, Any]) -> int:
+    """What input sizes must be multiples of, from a package's ``network`` section (no weights built)."""
+    if architecture == "srcsm_unet":
+        levels = len(parameters.get("channels", (64, 64, 64, 64, 64)))
+        return 2 ** (levels - 1)
+    raise ValueError(f"unknown architecture '{architecture}'; known: {', '.join(ARCHITECTURES)}")

@@ -1,0 +1,132 @@
+"""One forward pass over the whole model grid (``inference.strategy = "whole_grid"``): exact padding and
+crop, the divisor from the card, physical consistency, the size fallback, and real-data accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from SRCSMSegmenterLib.image import Geometry, Volume, read_volume
+from SRCSMSegmenterLib.inference import Segmenter
+from SRCSMSegmenterLib.modelpackage import InferenceSpec, load_package
+from SRCSMSegmenterLib.network import build_network, spec_divisor
+from SRCSMSegmenterLib.whole_grid import padded_voxels, padding_to_divisor, whole_grid_probabilities
+
+BUNDLED = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+def _pointwise(seen: list[torch.Tensor]):
+    """A 'network' whose output at a voxel depends on that voxel only, so any misplaced crop shows."""
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        s = torch.sigmoid(x)
+        return torch.cat([1 - s, s], dim=1)
+    return predictor
+
+
+@pytest.mark.parametrize("shape, divisor", [((37, 50, 61), 16), ((16, 16, 16), 16), ((5, 70, 33), 8), ((9, 9, 9), 1)])
+def test_padding_and_crop_are_exact(shape, divisor):
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(shape, generator=g)
+    seen: list[torch.Tensor] = []
+    probs = whole_grid_probabilities(image, _pointwise(seen), divisor=divisor, cval=-7.0)
+    assert probs.shape == (2, *shape) and probs.dtype == torch.float32
+    # every voxel back where it came from (1e-6: SIMD and scalar sigmoid differ in the last bit)
+    assert torch.allclose(probs[1], torch.sigmoid(image), rtol=0, atol=1e-6)
+    (x,) = seen
+    assert all(s % divisor == 0 and s - n < divisor for s, n in zip(x.shape[2:], shape))
+    pad = padding_to_divisor(shape, divisor)
+    k0, j0, i0 = pad[4], pad[2], pad[0]
+    inner = x[0, 0, k0:k0 + shape[0], j0:j0 + shape[1], i0:i0 + shape[2]]
+    assert torch.equal(inner, image)
+    assert float((x[0, 0] == -7.0).sum()) == x[0, 0].numel() - image.numel()  # the rest is cval
+    assert padded_voxels(shape, divisor) == x[0, 0].numel()
+    # centred: the padding before never exceeds the padding after by more than nothing, nor lags by > 1
+    assert all(0 <= pad[2 * a + 1] - pad[2 * a] <= 1 for a in range(3))
+
+
+def test_a_network_returning_the_wrong_shape_is_reported():
+    with pytest.raises(RuntimeError, match="returned shape"):
+        whole_grid_probabilities(torch.zeros(16, 16, 16), lambda x: x[:, :, :8], divisor=16, cval=0.0)
+    with pytest.raises(ValueError, match="divisor"):
+        padding_to_divisor((4, 4, 4), 0)
+
+
+@pytest.mark.parametrize("channels", [[8, 16], [16, 32, 64, 128, 256], [64] * 5, [4, 8, 16]])
+def test_divisor_from_the_card_is_the_networks(channels):
+    params = {"channels": channels, "out_channels": 2}
+    assert spec_divisor("srcsm_unet", params) == build_network("srcsm_unet", params).divisor
+    with pytest.raises(ValueError, match="unknown architecture"):
+        spec_divisor("resnet", params)
+
+
+def test_cards_without_a_strategy_keep_the_sliding_window():
+    assert InferenceSpec().strategy == "sliding_window"
+    assert InferenceSpec.model_validate({"overlap": 0.5}).strategy == "sliding_window"
+    with pytest.raises(ValueError, match="strategy"):
+        InferenceSpec.model_validate({"strategy": "one_big_window"})
+    with pytest.raises(ValueError, match="unknown inference strategy"):
+        Segmenter(load_package(BUNDLED / "cardiac-bssfp-srcsm"), device="cpu", strategy="bogus")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_package(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def mr_case(shared_data):
+    root = next(shared_data.glob("Dataset502_*"))
+    return read_volume(root / "imagesTr" / "chaos_02_0000.nii.gz")
+
+
+def _flip_x(vol: Volume) -> Volume:
+    d = vol.geometry.direction_matrix.copy()
+    origin = vol.geometry.index_to_physical(np.array([vol.array.shape[2] - 1, 0, 0], float))
+    d[:, 0] *= -1
+    return Volume(vol.array[:, :, ::-1].copy(), Geometry(tuple(origin), vol.geometry.spacing, tuple(d.ravel())))
+
+
+def test_flipped_header_gives_the_physically_same_segmentation(tiny, mr_case):
+    """The model grid is world-aligned, so a reversed array with its header adjusted is the same input
+    to the one pass: the labels, flipped back, are the same."""
+    seg = Segmenter(tiny, device="cpu", precision="fp32", strategy="whole_grid")
+    a = seg.segment(mr_case, target_modality="MR")
+    b = seg.segment(_flip_x(mr_case), target_modality="MR")
+    assert a.strategy == b.strategy == "whole_grid"
+    assert a.labelmap.geometry == mr_case.geometry and a.labelmap.array.shape == mr_case.array.shape
+    assert (a.labelmap.array > 0).mean() > 0.01
+    assert np.mean(a.labelmap.array == b.labelmap.array[:, :, ::-1]) > 0.999
+
+
+def test_grids_over_the_limit_fall_back_to_the_sliding_window(tiny, mr_case):
+    seg = Segmenter(tiny, device="cpu", precision="fp32", strategy="whole_grid")
+    seg.card = tiny.card.model_copy(update={"inference": tiny.card.inference.model_copy(update={"max_grid_voxels": 1000})})
+    result = seg.segment(mr_case, target_modality="MR")
+    assert result.strategy == "sliding_window"
+    sliding = Segmenter(tiny, device="cpu", precision="fp32", strategy="sliding_window").segment(mr_case, target_modality="MR")
+    assert np.array_equal(result.labelmap.array, sliding.labelmap.array)
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray, values=(1, 2, 3)) -> float:
+    return float(np.mean([2 * ((pred == v) & (ref == v)).sum() / ((pred == v).sum() + (ref == v).sum()) for v in values]))
+
+
+def test_one_pass_on_a_real_cine_stack_is_at_least_as_accurate(shared_data):
+    """The bundled cardiac model on a real oblique validation stack: one pass over its 2 mm world grid
+    instead of the 80³ windows keeps the labels in the input grid and is no less accurate (measured on
+    all 10 validation stacks: docs/benchmarks.md)."""
+    root = shared_data / "Dataset503_CardiacBSSFP"
+    image = read_volume(root / "imagesTr" / "pat_36_0000.nii.gz")
+    ref = read_volume(root / "labelsTr" / "pat_36.nii.gz").array
+    package = load_package(BUNDLED / "cardiac-bssfp-srcsm")
+    whole = Segmenter(package, device="cpu", strategy="whole_grid").segment(image, target_modality="MR")
+    sliding = Segmenter(package, device="cpu", strategy="sliding_window").segment(image, target_modality="MR")
+    assert whole.strategy == "whole_grid" and sliding.strategy == "sliding_window"
+    assert whole.labelmap.geometry == image.geometry
+    d_whole, d_sliding = _dice(whole.labelmap.array, ref), _dice(sliding.labelmap.array, ref)
+    assert d_whole >= 0.85, d_whole
+    assert d_whole >= d_sliding - 0.005, (d_whole, d_sliding)
