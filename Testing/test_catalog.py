@@ -91,10 +91,11 @@ def test_cli_installs_by_url_and_says_what_it_shadows(tmp_path, served):
     assert "hides it" in proc.stderr and f"srcsm models remove {MODEL}" in proc.stderr
     listed = {m["id"]: m for m in json.loads(_srcsm("models", "list", "--json", env=env).stdout)}
     assert listed[MODEL]["origin"] == "installed"
-    assert listed[MODEL]["shadows"]["origin"] == "bundled" and listed[MODEL]["shadows"]["version"] == "0.1.0"
+    bundled_version = json.loads((BUNDLED / MODEL / "model.json").read_text(encoding="utf-8"))["version"]
+    assert listed[MODEL]["shadows"]["origin"] == "bundled" and listed[MODEL]["shadows"]["version"] == bundled_version
     assert listed["abdomen-ct-srcsm"]["shadows"] is None
     text = _srcsm("models", "list", env=env).stdout
-    assert f"hides the bundled {MODEL} 0.1.0" in text
+    assert f"hides the bundled {MODEL} {bundled_version}" in text
     assert "hides the bundled" in _srcsm("models", "info", MODEL, env=env).stdout
     removed = _srcsm("models", "remove", MODEL, env=env)
     assert removed.returncode == 0 and "bundled model again" in removed.stdout

@@ -54,6 +54,7 @@ def test_segment_to_seg_nrrd_with_json_progress(tmp_path, env, tiny_model, mr_im
     done = [e for e in events if e["event"] == "done"]
     assert len(done) == 1 and Path(done[0]["output"]) == out.resolve()
     assert done[0]["source_matching"] is True
+    assert done[0]["inference"] == "sliding_window"  # the card's strategy (a card without one: sliding window)
     labelmap, segments = read_seg_nrrd(out)
     assert [s["name"] for s in segments] == ["liver", "right kidney", "left kidney", "spleen"]
     assert [s["label_value"] for s in segments] == [1, 2, 3, 4]
@@ -333,6 +334,8 @@ def test_models_info_is_a_readable_card(tmp_path):
     assert "training label volumes (21 cases)" in out
     mr = srcsm("models", "info", "abdomen-mr-srcsm", env=env, check_rc=0).stdout
     assert "trained on:  MR (T2)" in mr
+    heart = srcsm("models", "info", "cardiac-bssfp-srcsm", env=env, check_rc=0).stdout
+    assert "inference:   one pass over the whole model grid" in heart and "sliding_window: best Dice" in heart
 
 
 def test_match_says_what_it_wrote(tmp_path, shared_data):
