@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from SRCSMSegmenterLib.image import Geometry, Volume, read_volume
+from SRCSMSegmenterLib.image import read_volume
 from SRCSMSegmenterLib.inference import Segmenter
 from SRCSMSegmenterLib.modelpackage import InferenceSpec, load_package
 from SRCSMSegmenterLib.network import build_network, spec_divisor
 from SRCSMSegmenterLib.whole_grid import padded_voxels, padding_to_divisor, whole_grid_probabilities
+from test_inference import _flip_x, mr_case, package  # noqa: F401 (fixtures shared with the sliding-window tests)
 
 BUNDLED = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
@@ -72,28 +73,10 @@ def test_cards_without_a_strategy_keep_the_sliding_window():
         Segmenter(load_package(BUNDLED / "cardiac-bssfp-srcsm"), device="cpu", strategy="bogus")  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model):
-    return load_package(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def mr_case(shared_data):
-    root = next(shared_data.glob("Dataset502_*"))
-    return read_volume(root / "imagesTr" / "chaos_02_0000.nii.gz")
-
-
-def _flip_x(vol: Volume) -> Volume:
-    d = vol.geometry.direction_matrix.copy()
-    origin = vol.geometry.index_to_physical(np.array([vol.array.shape[2] - 1, 0, 0], float))
-    d[:, 0] *= -1
-    return Volume(vol.array[:, :, ::-1].copy(), Geometry(tuple(origin), vol.geometry.spacing, tuple(d.ravel())))
-
-
-def test_flipped_header_gives_the_physically_same_segmentation(tiny, mr_case):
+def test_flipped_header_gives_the_physically_same_segmentation(package, mr_case):
     """The model grid is world-aligned, so a reversed array with its header adjusted is the same input
     to the one pass: the labels, flipped back, are the same."""
-    seg = Segmenter(tiny, device="cpu", precision="fp32", strategy="whole_grid")
+    seg = Segmenter(package, device="cpu", precision="fp32", strategy="whole_grid")
     a = seg.segment(mr_case, target_modality="MR")
     b = seg.segment(_flip_x(mr_case), target_modality="MR")
     assert a.strategy == b.strategy == "whole_grid"
@@ -102,12 +85,12 @@ def test_flipped_header_gives_the_physically_same_segmentation(tiny, mr_case):
     assert np.mean(a.labelmap.array == b.labelmap.array[:, :, ::-1]) > 0.999
 
 
-def test_grids_over_the_limit_fall_back_to_the_sliding_window(tiny, mr_case):
-    seg = Segmenter(tiny, device="cpu", precision="fp32", strategy="whole_grid")
-    seg.card = tiny.card.model_copy(update={"inference": tiny.card.inference.model_copy(update={"max_grid_voxels": 1000})})
+def test_grids_over_the_limit_fall_back_to_the_sliding_window(package, mr_case):
+    seg = Segmenter(package, device="cpu", precision="fp32", strategy="whole_grid")
+    seg.card = package.card.model_copy(update={"inference": package.card.inference.model_copy(update={"max_grid_voxels": 1000})})
     result = seg.segment(mr_case, target_modality="MR")
     assert result.strategy == "sliding_window"
-    sliding = Segmenter(tiny, device="cpu", precision="fp32", strategy="sliding_window").segment(mr_case, target_modality="MR")
+    sliding = Segmenter(package, device="cpu", precision="fp32", strategy="sliding_window").segment(mr_case, target_modality="MR")
     assert np.array_equal(result.labelmap.array, sliding.labelmap.array)
 
 
