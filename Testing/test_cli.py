@@ -63,6 +63,27 @@ def test_segment_to_seg_nrrd_with_json_progress(tmp_path, env, tiny_model, mr_im
     assert labelmap.geometry.almost_equal(image.geometry, 1e-5)
 
 
+def test_segment_inference_strategy_from_the_command_line(tmp_path, env, tiny_model, mr_image):
+    """--inference overrides the card's strategy; both results are in the input's grid and agree where
+    the tiny model's single window covers the image."""
+    labels = {}
+    for choice in ("whole-grid", "sliding-window"):
+        out = tmp_path / f"{choice}.nii.gz"
+        proc = srcsm("segment", mr_image, out, "--model", tiny_model, "--inference", choice, "--progress", "json",
+                     "--device", "cpu", env=env, check_rc=0)
+        done = [e for e in _json_lines(proc.stderr) if e["event"] == "done"][0]
+        assert done["inference"] == choice.replace("-", "_")
+        labels[choice] = read_volume(out)
+    image = read_volume(mr_image)
+    for lab in labels.values():
+        assert lab.array.shape == image.array.shape and lab.geometry.almost_equal(image.geometry, 1e-5)
+        assert (lab.array > 0).mean() > 0.01
+    assert np.mean(labels["whole-grid"].array == labels["sliding-window"].array) > 0.95
+    bad = srcsm("segment", mr_image, tmp_path / "x.nii.gz", "--model", tiny_model, "--inference", "tiles",
+                env=env, check_rc=2)
+    assert "--inference" in bad.stderr and not (tmp_path / "x.nii.gz").exists()
+
+
 def test_segment_to_labelmap_and_no_sm(tmp_path, env, tiny_model, mr_image):
     out = tmp_path / "labels.nii.gz"
     srcsm("segment", mr_image, out, "--model", tiny_model, "--no-source-matching", "--progress", "none",

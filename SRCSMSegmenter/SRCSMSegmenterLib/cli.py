@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep only the largest component of each label (= --postprocess keep-largest)")
     clean.add_argument("--no-keep-largest", dest="postprocess", action="store_const", const="none",
                        help="no clean-up, whatever the model card says (= --postprocess none)")
+    s.add_argument("--inference", choices=["card", "whole-grid", "sliding-window"], default="card",
+                   help="how the network runs over the scan: as the model card says (card, the default), one "
+                        "pass over the whole model grid, or sliding windows of the training patch")
     s.add_argument("--roi-ras", type=float, nargs=6, metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
                    help="limit the work to a box given by two opposite corners in RAS millimetres")
     s.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -217,7 +220,7 @@ def cmd_segment(args: argparse.Namespace, reporter) -> int:
     volume = read_volume(args.input, series=args.series, report=lambda text: reporter.message(text, "warning"))
     modality = _announce(package, volume, args, reporter, source_matching=not args.no_source_matching)
     segmenter = Segmenter(package, device=args.device, precision=args.precision, progress=reporter,
-                          cancel=_CancelOnSignal())
+                          cancel=_CancelOnSignal(), strategy=args.inference.replace("-", "_"))
     result = segmenter.segment(volume, source_matching=not args.no_source_matching,
                                target_modality=modality, postprocessing=postprocessing,
                                roi_bounds=_roi_bounds(args.roi_ras))
