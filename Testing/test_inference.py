@@ -78,7 +78,7 @@ class _OracleSegmenter(Segmenter):
         self._grid = grid
         return x, grid, norm
 
-    def _predict(self, x, device, precision, needed=None):
+    def _predict(self, x, device, precision, needed=None, messages=None):
         lab = to_model_grid(self.reference, self._grid, is_label=True).array
         return torch.nn.functional.one_hot(torch.from_numpy(lab).long(), 5).permute(3, 0, 1, 2).float()
 
@@ -134,10 +134,10 @@ def test_gpu_out_of_memory_falls_back_to_cpu(package, mr_case, monkeypatch):
     seg.precision = "fp16"
     real = Segmenter._predict
 
-    def predict(self, x, device, precision, needed=None):
+    def predict(self, x, device, precision, **kwargs):
         if device.type == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, x, device, precision, needed=needed)
+        return real(self, x, device, precision, **kwargs)
 
     monkeypatch.setattr(Segmenter, "_predict", predict)
     result = seg.segment(image)

@@ -76,22 +76,52 @@ def test_cards_without_a_strategy_keep_the_sliding_window():
 def test_flipped_header_gives_the_physically_same_segmentation(package, mr_case):
     """The model grid is world-aligned, so a reversed array with its header adjusted is the same input
     to the one pass: the labels, flipped back, are the same."""
+    image, _ = mr_case
     seg = Segmenter(package, device="cpu", precision="fp32", strategy="whole_grid")
-    a = seg.segment(mr_case, target_modality="MR")
-    b = seg.segment(_flip_x(mr_case), target_modality="MR")
+    a = seg.segment(image, target_modality="MR")
+    b = seg.segment(_flip_x(image), target_modality="MR")
     assert a.strategy == b.strategy == "whole_grid"
-    assert a.labelmap.geometry == mr_case.geometry and a.labelmap.array.shape == mr_case.array.shape
+    assert a.labelmap.geometry == image.geometry and a.labelmap.array.shape == image.array.shape
     assert (a.labelmap.array > 0).mean() > 0.01
     assert np.mean(a.labelmap.array == b.labelmap.array[:, :, ::-1]) > 0.999
 
 
 def test_grids_over_the_limit_fall_back_to_the_sliding_window(package, mr_case):
+    image, _ = mr_case
     seg = Segmenter(package, device="cpu", precision="fp32", strategy="whole_grid")
     seg.card = package.card.model_copy(update={"inference": package.card.inference.model_copy(update={"max_grid_voxels": 1000})})
-    result = seg.segment(mr_case, target_modality="MR")
+    result = seg.segment(image, target_modality="MR")
     assert result.strategy == "sliding_window"
-    sliding = Segmenter(package, device="cpu", precision="fp32", strategy="sliding_window").segment(mr_case, target_modality="MR")
+    sliding = Segmenter(package, device="cpu", precision="fp32", strategy="sliding_window").segment(image, target_modality="MR")
     assert np.array_equal(result.labelmap.array, sliding.labelmap.array)
+
+
+def test_a_whole_grid_too_big_for_the_gpu_continues_with_sliding_windows_there(package, mr_case, monkeypatch):
+    """GPU out-of-memory in the one pass: the sliding window runs on the same GPU (the smaller footprint),
+    not the CPU, and the result says so. No GPU here: the pass raises the CUDA error, and the sliding
+    window, asked for the GPU, is computed on the CPU."""
+    image, _ = mr_case
+    seg = Segmenter(package, device="cpu", precision="fp32", strategy="whole_grid")
+    seg.device = torch.device("cuda")  # pretend we run on a GPU
+    calls = []
+    real_sliding = Segmenter._predict_sliding
+
+    def too_big(self, x, device, precision):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    def sliding(self, x, device, precision, needed):
+        calls.append((device, needed))
+        return real_sliding(self, x, torch.device("cpu"), "fp32", needed)
+
+    monkeypatch.setattr(Segmenter, "_predict_whole", too_big)
+    monkeypatch.setattr(Segmenter, "_predict_sliding", sliding)
+    result = seg.segment(image, target_modality="MR")
+    assert calls == [(torch.device("cuda"), None)]  # on the GPU, every window
+    assert result.strategy == "sliding_window" and result.device == "cuda"
+    assert any("did not fit in GPU memory" in m and "sliding windows on the GPU" in m for m in result.messages)
+    reference = Segmenter(package, device="cpu", precision="fp32", strategy="sliding_window").segment(
+        image, target_modality="MR")
+    assert np.array_equal(result.labelmap.array, reference.labelmap.array)
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, values=(1, 2, 3)) -> float:

@@ -92,6 +92,9 @@ class Segmenter:
         if strategy not in ("card", "sliding_window", "whole_grid"):
             raise ValueError(f"unknown inference strategy {strategy!r}: use card, sliding_window or whole_grid")
         self.strategy = self.card.inference.strategy if strategy == "card" else strategy
+        #: how the network ran in the last :meth:`segment` (the size limit or GPU memory can turn
+        #: ``whole_grid`` into ``sliding_window``)
+        self.last_strategy = self.strategy
         self._network: torch.nn.Module | None = None
         self._network_device: torch.device | None = None
 
@@ -152,17 +155,10 @@ class Segmenter:
         divisor = spec_divisor(self.card.network.architecture, dict(self.card.network.parameters))
         return padded_voxels(grid_shape_kji, divisor) <= self.card.inference.max_grid_voxels
 
-    def _predict(self, x: np.ndarray, device: torch.device, precision: str,
-                 needed: np.ndarray | None = None) -> torch.Tensor:
-        """Softmax probabilities (C, K, J, I) on the CPU for a model-grid input.
-
-        ``whole_grid`` (when the grid is small enough): one forward pass (:mod:`.whole_grid`). Else only
-        the windows holding a ``needed`` voxel run (:mod:`.sliding_window`); the probabilities there are
-        those of MONAI's Gaussian-blended inferer over the whole grid.
-        """
+    def _predictor(self, device: torch.device, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Network input (B, 1, …) → softmax probabilities (float32), with cancellation between calls."""
         net = self.network(device, precision)
         fmt = memory_format(device, precision, net)
-        roi = tuple(int(p) for p in reversed(self.card.patch_size))  # x,y,z → K,J,I
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
             self._check_cancel()
@@ -170,23 +166,62 @@ class Segmenter:
                 logits = net(patch.to(device, memory_format=fmt))
             return torch.softmax(logits.float(), dim=1)
 
+        return predictor
+
+    def _predict_whole(self, x: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:
+        """One forward pass over the whole model grid (:mod:`.whole_grid`)."""
+        self.progress(0.12, "Segmenting (one pass over the whole grid)")
+        with torch.inference_mode():
+            probs = whole_grid_probabilities(
+                torch.from_numpy(x), self._predictor(device, precision), cval=float(x.min()), device=device,
+                divisor=spec_divisor(self.card.network.architecture, dict(self.card.network.parameters)))
+        self.progress(0.82, "Segmented (one pass over the whole grid)")
+        return probs
+
+    def _predict_sliding(self, x: np.ndarray, device: torch.device, precision: str,
+                         needed: np.ndarray | None) -> torch.Tensor:
+        """The Gaussian-blended sliding window over the windows holding a ``needed`` voxel."""
+        roi = tuple(int(p) for p in reversed(self.card.patch_size))  # x,y,z → K,J,I
+
         def on_window(done: int, total: int) -> None:
             self.progress(0.12 + 0.70 * done / max(1, total), f"Segmenting (window {done}/{total})")
 
-        if self.runs_whole_grid(x.shape):
-            self.progress(0.12, "Segmenting (whole grid, one pass)")
-            with torch.inference_mode():
-                probs = whole_grid_probabilities(
-                    torch.from_numpy(x), predictor, cval=float(x.min()), device=device,
-                    divisor=spec_divisor(self.card.network.architecture, dict(self.card.network.parameters)))
-            on_window(1, 1)
-            return probs
         with torch.inference_mode():
             return sliding_window_probabilities(
-                torch.from_numpy(x), roi, predictor, overlap=self.card.inference.overlap,
+                torch.from_numpy(x), roi, self._predictor(device, precision), overlap=self.card.inference.overlap,
                 mode=self.card.inference.blend_mode, cval=float(x.min()), needed=needed,
                 sw_batch_size=self.sw_batch_size, sw_device=device, on_window=on_window,
             )
+
+    def _predict(self, x: np.ndarray, device: torch.device, precision: str,
+                 needed: np.ndarray | None = None, messages: list[str] | None = None) -> torch.Tensor:
+        """Softmax probabilities (C, K, J, I) on the CPU for a model-grid input.
+
+        ``whole_grid`` (when the grid is small enough): one forward pass; if that pass does not fit in
+        GPU memory, the sliding window on the same GPU (said in ``messages``). Else only the windows
+        holding a ``needed`` voxel run (:mod:`.sliding_window`); the probabilities there are those of
+        MONAI's Gaussian-blended inferer over the whole grid.
+        """
+        if self.runs_whole_grid(x.shape):
+            try:
+                probs = self._predict_whole(x, device, precision)
+                self.last_strategy = "whole_grid"
+                return probs
+            except CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — only GPU out-of-memory is handled here
+                if device.type == "cpu" or not is_out_of_memory(exc):
+                    raise
+                msg = (f"One pass over the whole {'×'.join(map(str, reversed(x.shape)))} model grid did not fit "
+                       f"in GPU memory; continuing with sliding windows on the GPU.")
+                log.warning(msg)
+                if messages is not None:
+                    messages.append(msg)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                needed = None  # every window: the whole grid was meant to be computed
+        self.last_strategy = "sliding_window"
+        return self._predict_sliding(x, device, precision, needed)
 
     def segment(self, volume: Volume, source_matching: bool = True,
                 target_modality: Modality | Literal["auto"] = "auto", keep_largest: bool = False,
@@ -210,7 +245,7 @@ class Segmenter:
         device, precision = self.device, self.precision
         t1 = time.perf_counter()
         try:
-            probs = self._predict(x, device, precision, needed=needed)
+            probs = self._predict(x, device, precision, needed=needed, messages=messages)
         except CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 — only GPU out-of-memory is handled, everything else re-raised
@@ -231,7 +266,7 @@ class Segmenter:
             device = torch.device("cpu")
             precision = resolve_precision(device, "auto" if self._requested_precision in ("auto", "fp16")
                                           else self._requested_precision)
-            probs = self._predict(x, device, precision, needed=needed)
+            probs = self._predict(x, device, precision, needed=needed, messages=messages)
         timings["network_s"] = time.perf_counter() - t1
         del x
 
@@ -251,7 +286,7 @@ class Segmenter:
             labelmap=Volume(labels, volume.geometry),
             device=str(device), precision=precision, source_matching=source_matching,
             normalization=norm, timings=timings, messages=messages, postprocessing=postprocessing.cli_value(),
-            strategy="whole_grid" if self.runs_whole_grid(grid.shape_kji) else "sliding_window",
+            strategy=self.last_strategy,
         )
 
     def _argmax_in_input_grid(self, probs: np.ndarray, grid: Grid, volume: Volume) -> np.ndarray:
