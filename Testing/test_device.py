@@ -103,7 +103,8 @@ def test_segmenter_runs_an_instance_norm_network_contiguous():
 
     for norm, channels_last in (("instance", False), ("none", True)):
         package = types.SimpleNamespace(card=None, build_network=lambda norm=norm: _unet(norm))
-        net = Segmenter(package, device="cpu", precision="fp32").network(torch.device("cpu"), "bf16")
+        net = Segmenter(package, device="cpu", precision="fp32", strategy="sliding_window").network(
+            torch.device("cpu"), "bf16")
         # a convolution with several input channels (one input channel is both layouts at once)
         weight = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1).weight
         assert weight.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
