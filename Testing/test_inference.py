@@ -356,3 +356,107 @@ def test_segment_gives_the_plain_libraries_labels(bundled, shared_data, model, d
     plain, _ = plain_segment(vol, package, modality=modality, precision="fp32")
     assert (plain > 0).mean() > 0.02
     assert np.mean(ours.labelmap.array == plain) >= 0.999
+
+
+# ------------------------------------- SM's lookup inside the resampling; mixed cells by candidate channels
+
+
+@pytest.mark.parametrize("variant", ["int16", "float32", "oblique", "flipped"])
+def test_source_matching_inside_the_resampling_gives_the_matched_input(bundled, shared_data, variant):
+    """For an integer image SM's lookup runs tile by tile inside the first resampling pass (no full
+    matched copy): the network input must be exactly that of match() → to_model_grid → normalize.
+    float32 images are matched in full; a rotated header takes SimpleITK on the converted image."""
+    from SRCSMSegmenterLib.matching import match
+    from SRCSMSegmenterLib.normalization import normalize
+
+    vol = read_volume(shared_data / "Dataset501_AbdomenCT" / "imagesTr" / "sabs_00_0000.nii.gz")
+    if variant == "float32":
+        vol = Volume(vol.array.astype(np.float32), vol.geometry)
+    if variant == "oblique":
+        vol = _rotate_header(vol, 25)
+    if variant == "flipped":
+        vol = _flip_x(vol)
+    package = bundled["abdomen-ct-srcsm"]
+    x, grid, norm = Segmenter(package, device="cpu").prepare(vol, target_modality="CT")
+    matched = match(vol, package.card.source_profile, "CT")
+    fill = float(matched.array.min())
+    resampled = to_model_grid(matched, grid, pre_smoothing_mm=package.card.inference.pre_smoothing_mm,
+                              default_value=fill)
+    expected = normalize(resampled.array, norm, fill)
+    assert x.shape == expected.shape == grid.shape_kji
+    if variant == "oblique":  # SimpleITK on the same values: the same arithmetic
+        assert np.array_equal(x, expected)
+    else:
+        assert np.abs(x - expected).max() < 1e-5
+    assert (x > -1).mean() > 0.1  # the body is in view, not only fill
+
+
+def test_first_axis_tiles_equal_the_plain_contraction():
+    """The tiled first pass (any tile width and group size, with a conversion) is the same linear map
+    as the per-group torch contraction."""
+    from SRCSMSegmenterLib.resampling import Band, gaussian_matrix, linear_matrix
+
+    rng = np.random.default_rng(3)
+    array = rng.integers(-1000, 1000, size=(37, 11, 13)).astype(np.int16)
+    lin, _ = linear_matrix(np.linspace(-0.4, 36.2, 9), 37)
+    band = Band.from_dense(lin @ gaussian_matrix(37, 0.9, 1.3))
+    reference = band.apply(torch.from_numpy(array.astype(np.float32) * 2 + 1), 0).numpy()
+
+    def convert(values: np.ndarray, out: np.ndarray) -> None:
+        out[...] = values.astype(np.float32) * 2 + 1
+
+    for group, tile in ((8, 2048), (3, 7), (1, 1), (16, 50)):
+        got = band.apply_first_axis(array, convert, group=group, tile=tile).numpy()
+        assert got.shape == reference.shape
+        assert np.allclose(got, reference, rtol=1e-5, atol=1e-3), (group, tile)
+    plain = band.apply_first_axis(array, None, tile=5).numpy()
+    assert np.allclose(plain, band.apply(torch.from_numpy(array), 0).numpy(), rtol=1e-5, atol=1e-3)
+
+
+def _separable_reference_labels(probs: np.ndarray, positions: list[np.ndarray], shape_kji) -> np.ndarray:
+    """Brute force: every channel interpolated at every target voxel in float32 — x, then y, then z,
+    neighbours clamped, outside → background — then np.argmax (first maximum wins)."""
+    c = probs.shape[0]
+    out = probs.astype(np.float32)
+    inside = np.ones(shape_kji, bool)
+    for axis, pos in zip((3, 2, 1), positions):  # x, y, z
+        n = out.shape[axis]
+        i0 = np.floor(pos).astype(int)
+        w = (pos - i0).astype(np.float32)
+        lo, hi = np.clip(i0, 0, n - 1), np.clip(i0 + 1, 0, n - 1)
+        shape = [1, 1, 1, 1]
+        shape[axis] = len(pos)
+        w = w.reshape(shape)
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+        ok = ((pos >= -0.5) & (pos < n - 0.5)).reshape(shape[1:])
+        inside &= ok
+    labels = np.argmax(out, axis=0).astype(np.uint8)
+    labels[~inside] = 0
+    assert c == probs.shape[0]
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mixed_cells_give_the_all_channel_argmax_exactly(seed):
+    """Mixed cells are interpolated only in the channels that can win there (a sound bound): the
+    labels equal those of interpolating all channels everywhere, to the voxel, including ties and
+    cells where a channel that wins at no corner wins inside."""
+    from SRCSMSegmenterLib.resampling import argmax_axis_aligned
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(5, 9, 10, 11)) * (1 + 3 * seed)
+    probs = (np.exp(logits) / np.exp(logits).sum(0)).astype(np.float32)
+    probs[3] = probs[4]  # exact ties between two channels: the lower index must win
+    if seed % 2:  # the "middle class" case: 0 and 1 dominate the corners, 2 peaks between them
+        probs[:] = 0
+        probs[0, :, :, :5], probs[1, :, :, 5:] = 0.55, 0.55
+        probs[2] = 0.45
+        probs /= probs.sum(0)
+    positions = [np.linspace(-0.7, 10.6, 41), np.linspace(-0.2, 9.4, 23), np.linspace(-0.6, 8.9, 17)]
+    shape = (17, 23, 41)
+    reference = _separable_reference_labels(probs, positions, shape)
+    for chunk in (1, 7, 512):
+        got = argmax_axis_aligned(probs, positions, shape, np.array([1, 0, 0, 0, 0], np.float32), chunk_cells=chunk)
+        assert np.array_equal(got, reference), chunk
+    if seed % 2:
+        assert (reference == 2).any()  # the class that wins at no corner did win somewhere

@@ -146,3 +146,66 @@ def test_profile_validation_rejects_bad_cdf():
         SourceProfile(modality="CT", values=[1, 2, 3], cdf=[0.5, 0.4, 1.0], overall_min=0, num_images=1, num_voxels=3)
     with pytest.raises(ValueError):
         SourceProfile(modality="CT", values=[3, 2, 1], cdf=[0.2, 0.4, 1.0], overall_min=0, num_images=1, num_voxels=3)
+
+
+# --------------------------------------------------------- integer images: counted and mapped by raw value
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint16", "int32", "uint8"])
+def test_integer_images_match_exactly_like_their_float_twin(shared_data, mr_volume, ct_profile, mr_profile, dtype):
+    """An integer image goes through its raw values (one count, one lookup: RawMapping); the same
+    values stored as float go through the general path (preprocess, histogram, lookup). Both must
+    give identical voxels and the identical mapping, for CT and MR targets onto CT and MR profiles."""
+    from SRCSMSegmenterLib.matching import fit_raw_mapping, source_match
+
+    ct = _img(shared_data, "Dataset501", "sabs_00")
+    cases = [(ct, mr_profile, "CT"), (mr_volume, ct_profile, "MR"), (mr_volume, mr_profile, "MR")]
+    for volume, profile, modality in cases:
+        values = volume.array.astype(np.int64)
+        if dtype in ("uint16", "uint8"):  # a scanner's unsigned storage: shifted to start at 0
+            values = values - values.min()
+        if dtype == "uint8":  # fewer levels: an 8-bit export
+            values = values * 255 // values.max()
+        if modality == "CT" and dtype.startswith("uint"):
+            continue  # unsigned data are not Hounsfield units
+        integer = Volume(values.astype(dtype), volume.geometry)
+        as_float = Volume(values.astype(np.float64), volume.geometry)
+        assert fit_raw_mapping(integer.array, profile, modality) is not None
+        assert fit_raw_mapping(as_float.array, profile, modality) is None
+        a = match(integer, profile, modality)
+        b = match(as_float, profile, modality)
+        assert a.array.dtype == b.array.dtype == np.int16
+        assert np.array_equal(a.array, b.array), (dtype, modality)
+        assert np.array_equal(fit_mapping(integer.array, profile, modality).lut,
+                              fit_mapping(as_float.array, profile, modality).lut)
+        # float32 output for the network: the same values
+        f, mapping = source_match(integer, profile, modality, dtype=np.float32)
+        assert f.array.dtype == np.float32 and np.array_equal(f.array, a.array.astype(np.float32))
+        assert f.geometry == volume.geometry
+        assert mapping.lut[0] == a.array.min()  # the matched minimum, as inference uses it (no pass)
+
+
+def test_raw_mapping_applies_to_strided_blocks(mr_volume, ct_profile):
+    """Resampling hands the lookup column tiles of the volume (strided views): same values."""
+    from SRCSMSegmenterLib.matching import fit_raw_mapping
+
+    raw = fit_raw_mapping(mr_volume.array, ct_profile, "MR")
+    full = raw.apply(mr_volume.array, np.float32)
+    columns = mr_volume.array.reshape(mr_volume.array.shape[0], -1)
+    block = columns[:, 1000:3000]
+    out = np.empty(block.shape, np.float32)
+    raw.apply_into(block, out)
+    assert np.array_equal(out, full.reshape(full.shape[0], -1)[:, 1000:3000])
+
+
+def test_histogram_from_counts_is_the_histogram(mr_volume):
+    from SRCSMSegmenterLib.matching import histogram_from_counts
+
+    values, _ = preprocess_for_matching(mr_volume.array, "MR")
+    h = histogram(values)
+    counts = np.bincount(values.reshape(-1).astype(np.int64) + 7)  # 7 empty values in front
+    g = histogram_from_counts(np.concatenate([counts, np.zeros(5, np.int64)]), -7)
+    assert np.array_equal(h.keys, g.keys) and np.array_equal(h.counts, g.counts)
+    assert (h.minimum, h.maximum) == (g.minimum, g.maximum)
+    with pytest.raises(InputError, match="empty"):
+        histogram_from_counts(np.zeros(4, np.int64), 0)

@@ -25,7 +25,7 @@ import torch
 from .device import autocast, is_out_of_memory, memory_format, resolve_device, resolve_precision
 from .errors import CancelledError, InputError, SRCSMError
 from .image import Volume, validate_array
-from .matching import Modality, guess_modality, match
+from .matching import Modality, fit_raw_mapping, guess_modality, source_match
 from .modelpackage import ModelPackage
 from .network import spec_divisor
 from .normalization import Normalization, default_normalization, normalize
@@ -123,14 +123,24 @@ class Segmenter:
                 timings: dict[str, float] | None = None) -> tuple[np.ndarray, Grid, Normalization]:
         """Model-grid network input (float32, K,J,I) for a volume, its grid and the normalisation used.
 
-        ``timings``, when given, receives ``match_s`` and ``resample_in_s`` (resampling + normalising)."""
+        ``timings``, when given, receives ``match_s`` and ``resample_in_s`` (resampling + normalising).
+        For an integer image SM's lookup runs inside the resampling, slab by slab (no full matched
+        copy), so ``match_s`` is then the histogram and the mapping, and the lookup is in ``resample_in_s``."""
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
         validate_array(volume.array, "the input volume")
         modality = guess_modality(volume.array) if target_modality == "auto" else target_modality
+        fill: float | None = None
+        convert = None
         if source_matching:
             self.progress(0.01, "Source matching")
-            volume = match(volume, self.card.source_profile, modality)
+            raw = fit_raw_mapping(volume.array, self.card.source_profile, modality)
+            if raw is not None:
+                convert, mapping = raw.apply_into, raw.mapping
+            else:  # a float image: matched in full (the values of match(), as float32)
+                volume, mapping = source_match(volume, self.card.source_profile, modality, dtype=np.float32)
+            # the matched minimum, without a pass: the mapping is monotone and the target minimum is present
+            fill = float(mapping.lut[0])
         timings["match_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         norm = self._normalization_for(source_matching, modality)
@@ -139,9 +149,10 @@ class Segmenter:
         if roi_bounds is not None and min(grid.size) < 2:
             raise InputError("The region of interest does not overlap the volume. Move or enlarge the ROI.")
         self.progress(0.04, "Resampling to the model grid")
-        fill = float(np.min(volume.array))
+        if fill is None:
+            fill = float(np.min(volume.array))
         resampled = to_model_grid(volume, grid, pre_smoothing_mm=self.card.inference.pre_smoothing_mm,
-                                  default_value=fill)
+                                  default_value=fill, convert=convert)
         self._check_cancel()
         self.progress(0.10, "Normalising")
         x = normalize(resampled.array, norm, fill)

@@ -11,14 +11,20 @@ Implements SRCSM §2 (docs/SRCSM.md) from its description:
   ``G(s_k) == p`` exactly, else the largest ``s_k`` with ``G(s_k) < p``; the target minimum maps to the
   source's overall minimum, the target maximum to the source's top key.
 
-Everything is a lookup table over the integer values of the image, applied slab by slab in place, so a
-512×512×300 volume is matched in about a second with well under 3× the input's memory.
+Everything is a lookup table over the integer values of the image. An integer image (what scanners
+write: int16 CT, uint16 MR) is counted and mapped through its *raw* values — one histogram pass and one
+lookup pass, both over slabs in threads — because the per-image rule above is a function of the raw
+value alone; the result is identical to preprocessing the whole image first. Float images take the
+general path (preprocess, then look up, slab by slab in place). A 512×512×300 CT is matched in about
+0.2 s on 2 cores.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Literal
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,11 +38,36 @@ CT_MATCH_RANGE = (-1023, 1024)
 MR_MATCH_MAX = 2048
 #: Voxels per slab when streaming over a volume (keeps temporaries to a few tens of MB).
 _SLAB_VOXELS = 4_000_000
+#: Voxels per slab of a lookup (small enough that a resampling block of a few slices still splits
+#: over the threads)
+_LOOKUP_SLAB_VOXELS = 1_000_000
 
 
 def _slabs(n: int, step: int = _SLAB_VOXELS) -> Iterable[slice]:
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
+
+
+_T = TypeVar("_T")
+
+
+def _threads() -> int:
+    """Worker threads for the slab loops (numpy releases the GIL in bincount and take)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _map_slabs(n: int, fn: Callable[[slice], _T], step: int = _SLAB_VOXELS) -> list[_T]:
+    """``fn`` over the slabs of ``range(n)``, in threads when there is more than one slab."""
+    slabs = list(_slabs(n, step))
+    workers = min(_threads(), len(slabs))
+    if workers <= 1:
+        return [fn(s) for s in slabs]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, slabs))
 
 
 #: Below this minimum an image is taken for CT: Hounsfield units go negative (air -1000, fat -100),
@@ -103,9 +134,20 @@ def histogram(values: np.ndarray) -> Histogram:
     """Histogram of an integer image with its min and max excluded and the top two bins merged."""
     flat = values.reshape(-1)
     vmin, vmax = int(flat.min()), int(flat.max())
-    counts = np.zeros(vmax - vmin + 1, dtype=np.int64)
-    for s in _slabs(flat.size):
-        counts += np.bincount(flat[s].astype(np.int64) - vmin, minlength=counts.size)
+    size = vmax - vmin + 1
+    counts = sum(_map_slabs(flat.size, lambda s: np.bincount(flat[s].astype(np.int64) - vmin, minlength=size)))
+    return histogram_from_counts(np.asarray(counts, dtype=np.int64), vmin)
+
+
+def histogram_from_counts(counts: np.ndarray, first_value: int) -> Histogram:
+    """:func:`histogram` from the count of every integer value ``first_value, first_value + 1, …``
+    (leading and trailing empty values allowed)."""
+    present = np.flatnonzero(counts)
+    if present.size == 0:
+        raise InputError("The image is empty: it has no voxels to match.")
+    counts = np.array(counts[present[0]:present[-1] + 1], dtype=np.int64)
+    vmin = int(first_value) + int(present[0])
+    vmax = vmin + counts.size - 1
     counts[0] = 0
     counts[-1] = 0
     present = np.flatnonzero(counts)
@@ -118,6 +160,45 @@ def histogram(values: np.ndarray) -> Histogram:
     kc = counts[keys].copy()
     kc[-1] += counts[present[-1]]
     return Histogram(keys=keys + vmin, counts=kc, minimum=vmin, maximum=vmax)
+
+
+#: integer images whose values span at most this many levels are counted and mapped by raw value
+_RAW_LEVELS_MAX = 1 << 20
+
+
+def _unsigned_view(dtype: np.dtype) -> type | None:
+    """The unsigned type of the same width for 8- and 16-bit integers (their raw values index a table
+    of 256 or 65 536 entries directly, with no subtraction), else None."""
+    if dtype.kind in "iu" and dtype.itemsize in (1, 2):
+        return np.uint8 if dtype.itemsize == 1 else np.uint16
+    return None
+
+
+def integer_value_counts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(raw values present, ascending int64; their voxel counts) of an integer image, or None for a
+    float image or one whose values span more than 2²⁰ levels."""
+    if array.dtype.kind not in "iu" or array.size == 0:
+        return None
+    flat = np.ascontiguousarray(array).reshape(-1)
+    unsigned = _unsigned_view(array.dtype)
+    if unsigned is not None:
+        levels = 1 << (8 * array.dtype.itemsize)
+        codes = flat.view(unsigned)
+        counts = sum(_map_slabs(flat.size, lambda s: np.bincount(codes[s], minlength=levels),
+                                step=_LOOKUP_SLAB_VOXELS))
+        values = np.arange(levels, dtype=np.int64).astype(unsigned).view(array.dtype).astype(np.int64)
+    else:
+        lo, hi = int(flat.min()), int(flat.max())
+        if hi - lo >= _RAW_LEVELS_MAX:
+            return None
+        counts = sum(_map_slabs(flat.size, lambda s: np.bincount(flat[s].astype(np.int64) - lo,
+                                                                  minlength=hi - lo + 1)))
+        values = np.arange(lo, hi + 1, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    order = np.argsort(values, kind="stable")
+    values, counts = values[order], counts[order]
+    keep = counts > 0
+    return values[keep], counts[keep]
 
 
 class SourceProfile(BaseModel):
@@ -257,8 +338,15 @@ def fit_mapping(array: np.ndarray, profile: SourceProfile, target_modality: Moda
     preprocessing (with the source's window for a CT target, :func:`match_window`)."""
     modality: Modality = guess_modality(array) if target_modality == "auto" else target_modality
     if values is None or scale is None:
+        raw = fit_raw_mapping(array, profile, modality)
+        if raw is not None:
+            return raw.mapping
         values, scale = preprocess_for_matching(array, modality, match_window(profile, modality))
-    h = histogram(values)
+    return mapping_from_histogram(histogram(values), profile, modality, scale)
+
+
+def mapping_from_histogram(h: Histogram, profile: SourceProfile, modality: Modality, scale: float) -> QuantileMapping:
+    """The lookup table of §2.3 for a target's (preprocessed) histogram."""
     f_t = h.cdf()
     v = np.arange(h.minimum, h.maximum + 1, dtype=np.int64)
     # snap each integer value to its nearest histogram key, ties to the upper key
@@ -280,14 +368,102 @@ def fit_mapping(array: np.ndarray, profile: SourceProfile, target_modality: Moda
     )
 
 
-def match(volume: Volume, profile: SourceProfile,
-          target_modality: Modality | Literal["auto"] = "auto") -> Volume:
-    """Source-match a target volume: same geometry, int16 voxels in the source's intensity scale.
+@dataclass(frozen=True)
+class RawMapping:
+    """A quantile mapping expressed over the raw values of an integer image: ``mapped[i]`` is the
+    source value of every voxel whose raw value is ``keys[i]``.
 
-    The one definition of SM that segmentation, ``srcsm match`` and the module's preview all call.
-    """
+    Why: SM's per-image rule (clip, or scale and round) is a function of the raw value, so the
+    histogram of the preprocessed image follows from the raw values' counts, and preprocessing plus
+    lookup collapse into one table — two passes over the voxels instead of four, no int16 copy."""
+
+    mapping: QuantileMapping
+    keys: np.ndarray  # int64, ascending
+    mapped: np.ndarray  # int16
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)  # lookup tables by dtypes
+
+    def apply(self, array: np.ndarray, dtype: type = np.int16) -> np.ndarray:
+        """The matched image (``dtype``: int16, or float32 for the network), in threads over slabs."""
+        out = np.empty(array.shape, dtype=dtype)
+        self.apply_into(array, out)
+        return out
+
+    def apply_into(self, array: np.ndarray, out: np.ndarray) -> None:
+        """Write the matched values of ``array`` (raw values of the fitted image) into ``out`` (same
+        shape, contiguous, any numeric dtype); in threads over slabs. Resampling calls this on each
+        input slab (:func:`.resampling.smooth_and_resample`), so no full matched copy is made."""
+        table = self._table(array.dtype, out.dtype)
+        unsigned = _unsigned_view(array.dtype)
+        if unsigned is not None and array.size <= _LOOKUP_SLAB_VOXELS:  # a small (maybe strided) block
+            np.take(table, array.view(unsigned), out=out)
+            return
+        flat, out_flat = np.ascontiguousarray(array).reshape(-1), out.reshape(-1)
+        if unsigned is not None:
+            codes = flat.view(unsigned)
+
+            def look_up(s: slice) -> None:
+                np.take(table, codes[s], out=out_flat[s])
+        else:
+            lo = int(self.keys[0])
+
+            def look_up(s: slice) -> None:
+                index = flat[s].astype(np.intp)
+                index -= lo
+                np.take(table, index, out=out_flat[s])
+
+        _map_slabs(flat.size, look_up, step=_LOOKUP_SLAB_VOXELS)
+
+    def _table(self, in_dtype: np.dtype, out_dtype: np.dtype) -> np.ndarray:
+        key = (np.dtype(in_dtype).str, np.dtype(out_dtype).str)
+        cached = self._tables.get(key)
+        if cached is not None:
+            return cached
+        unsigned = _unsigned_view(np.dtype(in_dtype))
+        if unsigned is not None:
+            table = np.zeros(1 << (8 * np.dtype(in_dtype).itemsize), dtype=out_dtype)
+            table[self.keys.astype(in_dtype).view(unsigned)] = self.mapped
+        else:
+            table = np.zeros(int(self.keys[-1]) - int(self.keys[0]) + 1, dtype=out_dtype)
+            table[self.keys - int(self.keys[0])] = self.mapped
+        self._tables[key] = table
+        return table
+
+
+def fit_raw_mapping(array: np.ndarray, profile: SourceProfile, modality: Modality) -> RawMapping | None:
+    """SM of an integer image through its raw values (:class:`RawMapping`), or None for a float image
+    or one with more than 2²⁰ levels (then: :func:`preprocess_for_matching`, :func:`histogram`)."""
+    counted = integer_value_counts(array)
+    if counted is None:
+        return None
+    keys, counts = counted
+    # the per-image rule on the raw values present (for MR the maximum is the image's own)
+    pre, scale = preprocess_for_matching(keys, modality, match_window(profile, modality))
+    pre = pre.astype(np.int64)
+    first = int(pre.min())
+    pooled = np.zeros(int(pre.max()) - first + 1, dtype=np.int64)
+    np.add.at(pooled, pre - first, counts)
+    mapping = mapping_from_histogram(histogram_from_counts(pooled, first), profile, modality, scale)
+    return RawMapping(mapping=mapping, keys=keys, mapped=mapping.lut[pre - mapping.minimum])
+
+
+def source_match(volume: Volume, profile: SourceProfile, target_modality: Modality | Literal["auto"] = "auto",
+                 dtype: type = np.int16) -> tuple[Volume, QuantileMapping]:
+    """Source-match a target volume → (the matched volume, same geometry, in the source's intensity
+    scale as ``dtype``; the mapping). The one definition of SM that segmentation (float32, straight
+    into resampling), ``srcsm match`` and the module's preview (int16) all call."""
     modality: Modality = guess_modality(volume.array) if target_modality == "auto" else target_modality
+    raw = fit_raw_mapping(volume.array, profile, modality)
+    if raw is not None:
+        return Volume(raw.apply(volume.array, dtype), volume.geometry, dict(volume.metadata)), raw.mapping
     values, scale = preprocess_for_matching(volume.array, modality, match_window(profile, modality))
     mapping = fit_mapping(volume.array, profile, modality, values=values, scale=scale)
     mapping.apply_inplace(values)
-    return Volume(values, volume.geometry, dict(volume.metadata))
+    out = values if np.dtype(dtype) == np.int16 else values.astype(dtype)
+    return Volume(out, volume.geometry, dict(volume.metadata)), mapping
+
+
+def match(volume: Volume, profile: SourceProfile,
+          target_modality: Modality | Literal["auto"] = "auto") -> Volume:
+    """Source-match a target volume: same geometry, int16 voxels in the source's intensity scale
+    (:func:`source_match`)."""
+    return source_match(volume, profile, target_modality)[0]

@@ -284,8 +284,7 @@ class SRCSMModuleLogic:
         volume = mrml.volume_from_node(input_node)  # intensities only: the local frame is enough
         profile = choice.card.source_profile
         modality = matching.guess_modality(volume.array) if target_modality == "auto" else target_modality
-        matched = matching.match(volume, profile, modality)
-        mapping = matching.fit_mapping(volume.array, profile, modality)
+        matched, mapping = matching.source_match(volume, profile, modality)
         node = mrml.update_preview_node(self.scene, input_node, matched)
         plots = update_matching_plots(self.scene, input_node, plot_data(mapping, matched, profile))
         return PreviewResult(node, matched, mapping, plots, modality)

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .image import Geometry, Volume
-from .resampling import argmax_axis_aligned, argmax_general, axis_positions, smooth_and_resample
+from .resampling import Convert, argmax_axis_aligned, argmax_general, axis_positions, smooth_and_resample
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -69,12 +69,14 @@ def smooth(volume: Volume, sigma_mm: float) -> sitk.Image:
 
 
 def to_model_grid(volume: Volume, grid: Grid, *, pre_smoothing_mm: float = 0.0, is_label: bool = False,
-                  default_value: float | None = None) -> Volume:
+                  default_value: float | None = None, convert: Convert | None = None) -> Volume:
     """Resample a volume onto a model grid.
 
     Images: optional Gaussian pre-smoothing (σ in mm), linear interpolation, float32; outside the field
     of view ``default_value`` (the image minimum when None — air rather than the paper's 0, which for CT
-    would be water). Labels: nearest neighbour, uint8, background outside.
+    would be water). ``convert(values, out)`` maps the voxel values first (source matching's lookup):
+    on the fast path slab by slab inside the resampling, else over the whole image (the result is
+    the same). Labels: nearest neighbour, uint8, background outside.
     """
     if is_label:
         image = sitk.GetImageFromArray(volume.array.astype(np.uint8, copy=False))
@@ -83,11 +85,19 @@ def to_model_grid(volume: Volume, grid: Grid, *, pre_smoothing_mm: float = 0.0, 
                             0, sitk.sitkUInt8)
     else:
         if default_value is None:
-            default_value = float(np.min(volume.array))
-        fast = smooth_and_resample(volume.array, volume.geometry, grid.geometry, grid.shape_kji, pre_smoothing_mm,
-                                   float(default_value))
+            default_value = float(np.min(volume.array)) if convert is None else None
+        fast = None
+        if default_value is not None:
+            fast = smooth_and_resample(volume.array, volume.geometry, grid.geometry, grid.shape_kji,
+                                       pre_smoothing_mm, float(default_value), convert)
         if fast is not None:  # axis-aligned input: per-axis banded operator, same result (resampling.py)
             return Volume(fast, grid.geometry)
+        if convert is not None:
+            values = np.empty(volume.shape, dtype=np.float32)
+            convert(volume.array, values)
+            volume = Volume(values, volume.geometry)
+            if default_value is None:
+                default_value = float(np.min(values))
         image = smooth(volume, pre_smoothing_mm)
         out = sitk.Resample(image, _reference(grid, sitk.sitkFloat32), sitk.Transform(), sitk.sitkLinear,
                             float(default_value), sitk.sitkFloat32)
