@@ -282,7 +282,7 @@ def main() -> None:
         print(json.dumps(child_memory(Path(vol), modality, Path(prof))))
         return
 
-    from SRCSMSegmenterLib.matching import fit_mapping, match, preprocess_for_matching
+    from SRCSMSegmenterLib.matching import fit_mapping, fit_raw_mapping, match, preprocess_for_matching
 
     size = tuple(int(v) for v in args.size.split(","))
     t0 = time.perf_counter()
@@ -305,23 +305,29 @@ def main() -> None:
                                          ("MR-like float32", mr, mr_path, "MR")):
         times = _times(lambda: match(volume, profile, modality), args.repeats)
         state: dict = {}
+        if fit_raw_mapping(volume.array, profile, modality) is not None:
+            # integer image: match() counts raw values and looks them up (no preprocessing pass)
+            t_pre = float("nan")
+            t_map = _median_time(lambda: state.update(raw=fit_raw_mapping(volume.array, profile, modality)),
+                                 args.repeats)
+            t_apply = _median_time(lambda: state["raw"].apply(volume.array, np.int16), args.repeats)
+        else:
+            def pre() -> None:
+                state["values"], state["scale"] = preprocess_for_matching(volume.array, modality)
 
-        def pre() -> None:
-            state["values"], state["scale"] = preprocess_for_matching(volume.array, modality)
+            def mapping() -> None:
+                state["mapping"] = fit_mapping(volume.array, profile, modality, values=state["values"],
+                                               scale=state["scale"])
 
-        def mapping() -> None:
-            state["mapping"] = fit_mapping(volume.array, profile, modality, values=state["values"],
-                                           scale=state["scale"])
-
-        t_pre = _median_time(pre, args.repeats)
-        t_map = _median_time(mapping, args.repeats)
-        apply_times = []
-        for _ in range(args.repeats + 1):
-            pre()
-            t1 = time.perf_counter()
-            state["mapping"].apply_inplace(state["values"])
-            apply_times.append(time.perf_counter() - t1)
-        t_apply = statistics.median(apply_times[1:])
+            t_pre = _median_time(pre, args.repeats)
+            t_map = _median_time(mapping, args.repeats)
+            apply_times = []
+            for _ in range(args.repeats + 1):
+                pre()
+                t1 = time.perf_counter()
+                state["mapping"].apply_inplace(state["values"])
+                apply_times.append(time.perf_counter() - t1)
+            t_apply = statistics.median(apply_times[1:])
         state.clear()
         mem = run_child(Path(__file__), ["--child-memory", str(path), modality, str(profile_path)])
         rows.append((name, volume, times, t_pre, t_map, t_apply, mem))
@@ -336,7 +342,8 @@ def main() -> None:
           f"over the same extent; profile fitted on {n_fit} training CTs; match() median of {args.repeats} "
           f"after a warm-up; memory in a fresh subprocess per row.")
     print()
-    print("| input | voxels | input array | match() median (min) | first call, fresh process | preprocess | histogram + LUT | apply in place "
+    print("| input | voxels | input array | match() median (min) | first call, fresh process | preprocess | histogram + LUT "
+          "(integer: raw counts + table) | apply (integer: lookup into a new array) "
           "| peak extra, tracemalloc | peak extra, RSS | < 2 s | < 3× input |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, volume, times, t_pre, t_map, t_apply, mem in rows:
@@ -344,7 +351,7 @@ def main() -> None:
         tr, rss = mem["traced_peak_extra"], mem["rss_peak_extra"]
         worst = max(tr, rss)
         print(f"| {name} | {'×'.join(map(str, reversed(volume.shape)))} | {inb / MB:.0f} MiB "
-              f"| {statistics.median(times):.2f} s ({min(times):.2f} s) | {mem['seconds_in_child']:.2f} s | {t_pre:.2f} s | {t_map:.2f} s "
+              f"| {statistics.median(times):.2f} s ({min(times):.2f} s) | {mem['seconds_in_child']:.2f} s | {'—' if t_pre != t_pre else f'{t_pre:.2f} s'} | {t_map:.2f} s "
               f"| {t_apply:.2f} s | {tr / MB:.0f} MiB ({tr / inb:.2f}×) | {rss / MB:.0f} MiB ({rss / inb:.2f}×) "
               f"| {'yes' if statistics.median(times) < 2 else 'NO'} | {'yes' if worst < 3 * inb else 'NO'} |")
     print()
