@@ -244,3 +244,30 @@ def test_choose_prefers_the_better_strategy_and_breaks_ties_by_order():
 def test_export_writes_the_field(tiny_model):
     raw = json.loads((Path(tiny_model) / "model.json").read_text(encoding="utf-8"))
     assert raw["postprocessing"]["method"] == "none"
+
+
+def test_evaluate_scores_what_a_user_gets(cardiac_with_default, shared_data, tmp_path):
+    """`python -m train evaluate` applies the card's clean-up by default (the labels `srcsm segment`
+    writes), says so in summary.json and in the card metrics; --postprocess none scores the network's
+    own labels, as the ablation does."""
+    from model_fixtures import make_subset_dataset
+    from train.__main__ import main as train_main
+    from train.card_metrics import card_metrics
+    from train.evaluate import evaluate_model
+
+    lge = make_subset_dataset(tmp_path / "Dataset504_CardiacLGE", shared_data / "Dataset504_CardiacLGE",
+                              [], ["pat_06"])
+    card = evaluate_model(cardiac_with_default, lge, tmp_path / "card", split="val", sm="on", device="cpu",
+                          log=lambda m: None)
+    assert train_main(["evaluate", str(cardiac_with_default), str(lge), "--split", "val", "--sm", "on",
+                       "--device", "cpu", "--no-keep-largest", "--out", str(tmp_path / "none")]) == 0
+    none = json.loads((tmp_path / "none" / "summary.json").read_text(encoding="utf-8"))
+    assert card["postprocessing"] == "keep-largest" and none["postprocessing"] == "none"
+    kept = read_volume(tmp_path / "card" / "predictions" / "with_sm" / "pat_06.nii.gz").array
+    raw = read_volume(tmp_path / "none" / "predictions" / "with_sm" / "pat_06.nii.gz").array
+    assert np.array_equal(kept, postprocess.keep_largest_components(raw.copy(), [1, 2, 3]))
+    assert not np.array_equal(kept, raw)  # pat_06 has stray islands (the CLI test above)
+    # the islands cost Dice: the clean-up the card prescribes scores higher on this case
+    assert card["settings"]["with SM"]["mean"]["dice"] > none["settings"]["with SM"]["mean"]["dice"]
+    metrics = card_metrics({"lge": tmp_path / "card", "lge_raw": tmp_path / "none"})
+    assert metrics["lge"]["postprocessing"] == "keep-largest" and metrics["lge_raw"]["postprocessing"] == "none"

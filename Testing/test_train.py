@@ -894,3 +894,40 @@ def test_diagnose_tells_a_dead_checkpoint_from_a_live_one(tmp_path, capsys):
     assert "holds no training checkpoint" in capsys.readouterr().err
     assert main(["diagnose", str(run), "--patches", "0"]) == 2
     assert "patches must be at least 1" in capsys.readouterr().err
+
+
+def test_card_metrics_written_into_a_package_change_only_its_metrics(tiny_model, tmp_path):
+    """Release step: the measured metrics go into the exported card in place — only the metrics field
+    changes, the card stays loadable, the weights and every other byte stay."""
+    from train.__main__ import main as train_main
+    from train.card_edit import set_card_fields
+
+    pkg = tmp_path / "pkg"
+    assert train_main(["export", str(tiny_model.parent / "run"), str(pkg)]) == 0
+    before = (pkg / "model.json").read_text(encoding="utf-8")
+    weights = (pkg / "weights.safetensors").read_bytes()
+    summary = {"dataset": "Dataset502_AbdomenMRT2", "split": "val", "cases": 1, "postprocessing": "none",
+               "settings": {"with SM": {"mean": {"name": None, "dice": 0.5, "assd": 3.0},
+                                        "1": {"name": "liver", "dice": 0.5, "assd": 3.0}}}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    assert train_main(["card-metrics", f"cross_domain_mr={tmp_path / 'eval'}", "--note", "measured",
+                       "--write-card", str(pkg)]) == 0
+    card = load_package(pkg).card
+    assert card.metrics["note"] == "measured"
+    assert card.metrics["cross_domain_mr"]["with_source_matching"]["mean_dice"] == 0.5
+    assert card.metrics["cross_domain_mr"]["postprocessing"] == "none"
+    after = (pkg / "model.json").read_text(encoding="utf-8")
+    old, new = json.loads(before), json.loads(after)
+    assert {k: v for k, v in old.items() if k != "metrics"} == {k: v for k, v in new.items() if k != "metrics"}
+    assert (pkg / "weights.safetensors").read_bytes() == weights
+    # the edit is textual: the lines before the metrics field are the same bytes
+    head = before.split('\n  "metrics": ')[0] if '\n  "metrics": ' in before else before.split('\n  "provenance": ')[0]
+    assert after.startswith(head)
+    # any value type can be replaced (an empty object, a scalar), and no --out / --write-card is an error
+    set_card_fields(pkg, {"metrics": {}})
+    assert load_package(pkg).card.metrics == {}
+    set_card_fields(pkg, {"description": "a \"quoted\", edited description"})
+    assert load_package(pkg).card.description == 'a "quoted", edited description'
+    with pytest.raises(SystemExit, match="--write-card"):
+        train_main(["card-metrics", f"cross_domain_mr={tmp_path / 'eval'}"])

@@ -8,6 +8,7 @@ Examples::
     python -m train export runs/abdomen-ct-src models/my-abdomen-ct --id my-abdomen-ct
     python -m train evaluate models/my-abdomen-ct ../shared/data/Dataset502_AbdomenMRT2 --out eval/ct2mr
     python -m train card-metrics cross_domain_mr=eval/ct2mr --note "…" --out metrics.json
+    python -m train card-metrics cross_domain_mr=eval/ct2mr --note "…" --write-card models/my-abdomen-ct
     python -m train diagnose runs/abdomen-ct-src                          # is a dead run dead for good?
     python -m train robustness Resources/Models/abdomen-ct-srcsm ../shared/data/Dataset501_AbdomenCT --out rob/ct
     python -m train robustness --report rob/ct rob/ct2mr --markdown docs/robustness.md
@@ -96,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sm", choices=["both", "on", "off"], default="both", help="source matching settings")
     v.add_argument("--device", default="auto")
     v.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
-    v.add_argument("--keep-largest", action="store_true")
+    clean = v.add_mutually_exclusive_group()
+    clean.add_argument("--postprocess", default="card", metavar="card|none|keep-largest|min-volume:MM3",
+                       help="clean-up as `srcsm segment` applies it: the model card's default (card, the default: "
+                            "what a user gets), none (the network's own labels), keep-largest, min-volume:MM3")
+    clean.add_argument("--keep-largest", dest="postprocess", action="store_const", const="keep-largest",
+                       help="= --postprocess keep-largest")
+    clean.add_argument("--no-keep-largest", dest="postprocess", action="store_const", const="none",
+                       help="= --postprocess none")
     v.add_argument("--landmark", action="store_true",
                    help="also evaluate inside the paper's ground-truth-centred ROI (measures the cost of our "
                         "whole-volume sliding window; not a clinical setting)")
@@ -104,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("entries", nargs="+", metavar="KEY=EVAL_DIR",
                    help="card key and the folder `evaluate --out` wrote, e.g. cross_domain_mr_chaos_all20=eval/ct2mr")
     m.add_argument("--note", default=None, help="a sentence on budget and protocol for the card")
-    m.add_argument("--out", required=True, help="JSON file to write")
+    m.add_argument("--out", default=None, help="JSON file to write (for export --metrics)")
+    m.add_argument("--write-card", default=None, metavar="PACKAGE",
+                   help="write the metrics into this package folder's model card (only its metrics field changes)")
     d = sub.add_parser("diagnose", help="logit saturation of a run's checkpoint on training patches: whether a "
                                         "run that fell dead (loss at its ceiling, no gradient) can recover")
     d.add_argument("run_dir", help="the run's output folder (holds checkpoint.json)")
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate_model
 
             evaluate_model(args.model, args.dataset, args.out, split=args.split, sm=args.sm, device=args.device,
-                           limit=args.limit, keep_largest=args.keep_largest, landmark=args.landmark)
+                           limit=args.limit, postprocess=args.postprocess, landmark=args.landmark)
             return 0
         if args.command == "diagnose":
             from .diagnose import format_report, saturation_report
@@ -173,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                 if not sep or not key or not folder:
                     raise SystemExit(f"expected KEY=EVAL_DIR, got '{item}'")
                 entries[key] = Path(folder)
-            print(write_card_metrics(entries, Path(args.out), args.note))
+            if not args.out and not args.write_card:
+                raise SystemExit("card-metrics: give --out FILE, --write-card PACKAGE, or both")
+            if args.out:
+                print(write_card_metrics(entries, Path(args.out), args.note))
+            if args.write_card:
+                from .card_edit import set_card_fields
+                from .card_metrics import card_metrics
+
+                print(set_card_fields(args.write_card, {"metrics": card_metrics(entries, args.note)}))
             return 0
         if args.command in ("robustness", "choose-postprocessing"):
             from .robustness_cli import run

@@ -312,7 +312,8 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
         # the same model was already trained for the twin cell: evaluate it here instead of retraining
         check_package(run, shared.package_dir)
         summary = _summary(run, shared.package_dir) or evaluate_model(
-            shared.package_dir, run.eval_dataset, run.eval_dir, split=run.eval_split, device=device)
+            shared.package_dir, run.eval_dataset, run.eval_dir, split=run.eval_split, device=device,
+            postprocess="none")
         record(run, summary, run.iterations, {"kind": "trained by the plan", "shared_with": shared.name,
                                               "weights": "ema", "weights_dtype": "float32", "device": device})
         return True
@@ -326,7 +327,7 @@ def advance(run: Run, time_limit: float | None, device: str) -> bool:
     summary = _summary(run, run.package_dir)
     if summary is None:
         summary = evaluate_model(run.package_dir, run.eval_dataset, run.eval_dir, split=run.eval_split,
-                                 device=device)
+                                 device=device, postprocess="none")
     adopted = run.run_dir / "adopted_from.json"
     provenance = {"kind": "adopted run" if adopted.is_file() else "trained by the plan", "weights": "ema",
                   "weights_dtype": "float32", "device": device}
@@ -579,7 +580,9 @@ def adopt_package(run: Run, package_path: str | os.PathLike[str], device: str = 
     if result(run) is not None:
         raise ValueError(f"{run.result_file} already records the cell {run.name}; remove it first to replace it")
     package = check_package(run, package_path)
-    summary = evaluate_model(package_path, run.eval_dataset, run.eval_dir, split=run.eval_split, device=device)
+    # the network's own labels: the ablation compares trainings, not clean-ups
+    summary = evaluate_model(package_path, run.eval_dataset, run.eval_dir, split=run.eval_split, device=device,
+                             postprocess="none")
     return record(run, summary, package.card.provenance.iterations, {
         "kind": "adopted package", "package": package.id, "version": package.card.version,
         "weights_sha256": package.card.weights.sha256, "weights": "ema",

@@ -31,6 +31,8 @@ def setting_metrics(per_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def entry_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
     entry: dict[str, Any] = {"dataset": summary["dataset"], "split": summary["split"], "cases": summary["cases"]}
+    if "postprocessing" in summary:  # the clean-up the numbers include (summaries before 2026-12-04: none)
+        entry["postprocessing"] = summary["postprocessing"]
     for setting, per_label in summary["settings"].items():
         if setting not in SETTING_KEYS:
             raise ValueError(f"unknown evaluation setting {setting!r} in the summary")

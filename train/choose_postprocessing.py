@@ -31,6 +31,7 @@ from SRCSMSegmenterLib.inference import Segmenter
 from SRCSMSegmenterLib.modelpackage import MODEL_JSON, InferenceSpec, read_card_bytes
 from SRCSMSegmenterLib.postprocess import PostProcessing, apply
 
+from .card_edit import set_card_fields
 from .datasets import load_dataset
 from .metrics import evaluate_case, read_label_map
 
@@ -127,45 +128,17 @@ def choose(summary: dict) -> Choice:
                   postprocessing=pick.model_copy(update={"chosen_by": f"{where}, with {strategy} inference — {words}"}))
 
 
-def _set_field(text: str, key: str, value: dict, path: Path) -> str:
-    """``text`` (a model.json) with its top-level ``key`` set to ``value``, as a text edit; a new field
-    goes before ``provenance``."""
-    lines = json.dumps(value, indent=2, ensure_ascii=False).splitlines()
-    block = f'  "{key}": ' + "\n".join([lines[0]] + ["  " + line for line in lines[1:]])
-    marker = f'\n  "{key}": {{'
-    if marker in text:
-        begin = text.index(marker) + 1
-        end = text.index("\n  }", begin) + len("\n  }")
-        return text[:begin] + block + text[end:]
-    anchor = '\n  "provenance": '
-    if anchor not in text:
-        raise ValueError(f"{path}: no top-level 'provenance' field to insert before; is it a model card?")
-    at = text.index(anchor) + 1
-    return text[:at] + block + ",\n" + text[at:]
-
-
 def write_card(package_dir: str | os.PathLike[str], spec: PostProcessing, strategy: str | None = None,
                strategy_chosen_by: str | None = None) -> Path:
     """Set the ``postprocessing`` field (and, with ``strategy``, ``inference.strategy``) of a package
     folder's model.json, atomically, as a text edit: every other byte of the card stays as it was
     (other fields may be edited by other tools)."""
-    path = Path(package_dir) / MODEL_JSON
-    if not path.is_file():
-        raise ValueError(f"'{package_dir}' is not a model package folder (no model.json); only folders can be edited")
-    text = path.read_text(encoding="utf-8")
     wanted = {"postprocessing": spec.model_dump(mode="json")}
     if strategy is not None:
-        current = read_card_bytes(text.encode("utf-8"), str(path)).inference
-        wanted["inference"] = InferenceSpec.model_validate(
-            {**current.model_dump(mode="json"), "strategy": strategy, "chosen_by": strategy_chosen_by}
-        ).model_dump(mode="json")
-    for key, value in wanted.items():
-        text = _set_field(text, key, value, path)
-    data = json.loads(text)
-    if any(data.get(k) != v for k, v in wanted.items()):
-        raise ValueError(f"{path}: the card's layout is unexpected; set {', '.join(wanted)} by hand")
-    read_card_bytes(text.encode("utf-8"), str(path))  # still a valid card, before anything is replaced
-    tmp = path.with_name(f".{MODEL_JSON}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+        path = Path(package_dir) / MODEL_JSON
+        current = read_card_bytes(path.read_bytes(), str(path)).inference if path.is_file() else None
+        if current is not None:
+            wanted["inference"] = InferenceSpec.model_validate(
+                {**current.model_dump(mode="json"), "strategy": strategy, "chosen_by": strategy_chosen_by}
+            ).model_dump(mode="json")
+    return set_card_fields(package_dir, wanted)

@@ -19,6 +19,8 @@ import numpy as np
 from SRCSMSegmenterLib.catalog import Catalog
 from SRCSMSegmenterLib.image import Volume, read_volume, write_volume
 from SRCSMSegmenterLib.inference import Segmenter
+from SRCSMSegmenterLib.postprocess import PostProcessing
+from SRCSMSegmenterLib.postprocess import resolve as resolve_postprocessing
 
 from .datasets import load_dataset
 from .metrics import evaluate_case, read_label_map
@@ -57,10 +59,16 @@ def check_label_values(package, dataset) -> dict[int, str]:
 
 def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    split: str = "all", sm: str = "both", device: str = "auto", limit: int | None = None,
-                   keep_largest: bool = False, landmark: bool = False, log=print) -> dict:
+                   keep_largest: bool = False, landmark: bool = False, log=print,
+                   postprocess: str | PostProcessing = "card") -> dict:
     """Segment every case of ``split`` with/without SM (``sm``: both/on/off) and, with ``landmark``,
-    also with SM inside the paper's ground-truth-centred ROI; write the reports into ``out_dir``."""
+    also with SM inside the paper's ground-truth-centred ROI; write the reports into ``out_dir``.
+
+    ``postprocess``: the clean-up, as ``srcsm segment --postprocess`` takes it — the model card's
+    default (``card``: what a user gets), ``none`` (the network's own labels), ``keep-largest`` or
+    ``min-volume:MM3``; ``keep_largest=True`` is ``keep-largest``. The summary records it."""
     package = Catalog().resolve(model)
+    cleanup = resolve_postprocessing(package.card.postprocessing, "keep-largest" if keep_largest else postprocess)
     dataset = load_dataset(dataset_dir)
     cases = dataset.split(split)[: limit or None]
     out = Path(out_dir)
@@ -80,8 +88,8 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
             t = time.perf_counter()
             roi = landmark_bounds(reference, extent) if setting == LANDMARK else None
             result = segmenter.segment(image, source_matching=setting != SETTINGS["off"],
-                                       target_modality=dataset.modality, keep_largest=keep_largest,  # type: ignore[arg-type]
-                                       roi_bounds=roi)
+                                       target_modality=dataset.modality,  # type: ignore[arg-type]
+                                       roi_bounds=roi, postprocessing=cleanup)
             seconds.append(time.perf_counter() - t)
             pred_path = out / "predictions" / _slug(setting) / f"{case.id}.nii.gz"
             pred_path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,10 +110,12 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
     title = f"{package.card.name} ({package.id}) on {dataset.name} [{split}]"
     notes = (f"Model trained on {package.card.source.modality} ({package.card.provenance.augmentation}, "
              f"{package.card.provenance.iterations} iterations); target modality {dataset.modality}; "
-             f"{len(cases)} cases; whole-volume sliding window (no landmark ROI); device {segmenter.device}.")
+             f"{len(cases)} cases; the whole volume (no landmark ROI), {segmenter.strategy.replace('_', ' ')}; "
+             f"clean-up: {cleanup.describe()}; device {segmenter.device}.")
     write_reports(rows, out, settings=settings, title=title, case_loader=case_loader, colors=colors, notes=notes)
     summary = {"model": package.id, "weights_sha256": package.card.weights.sha256, "dataset": dataset.name,
-               "split": split, "cases": len(cases),
+               "split": split, "cases": len(cases), "postprocessing": cleanup.cli_value(),
+               "inference": segmenter.strategy,
                "mean_seconds_per_case": float(np.mean(seconds)) if seconds else None, "settings": {}}
     for row in summarize(rows, settings):
         entry = summary["settings"].setdefault(row["setting"], {})
