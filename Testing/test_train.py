@@ -314,7 +314,8 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     from train import ablation
 
     runs = ablation.plan()
-    assert len(runs) == len(ablation.PROTOCOLS) * (len(ablation.METHODS) + 1)
+    assert len(runs) == sum(len(p.methods) + 1 for p in ablation.PROTOCOLS)
+    assert {p.methods for p in ablation.PROTOCOLS} == {ablation.METHODS, ("none", "src")}
     assert len({r.name for r in runs}) == len(runs)
     for r in runs:
         assert (ablation.DATA / r.protocol.source).is_dir() and r.eval_dataset.is_dir()
@@ -359,14 +360,15 @@ def test_ablation_plan_and_table(tmp_path, monkeypatch):
     assert (f"| ct2mr | {runs[3].label} | 4000 | 1015 | not measured: diverged (training stopped: validation "
             f"mean Dice 0.004 at iteration 1000; gradient norm 0.04 (median of iterations ≤ 200), 3.1e+12 at "
             f"iteration 1010; loss 0.850 at iteration 1010) |") in text
-    assert text.count("not finished (not started") == len(runs) - 5  # some say "; rerun with seed …"
+    assert text.count("not finished (not started") == len(runs) - 6  # some say "; rerun with seed …"
     assert "| ct2mr | none | 4000 | 4000 | 0.500 | 0.250 | 7.25 | 9.00 | trained by the plan |" in text
     assert "| ct2mr | src | 4000 | 4000 | 0.625 | 0.375 | 7.25 | 9.00 | zoo package `zoo-ct` 0.1.0 (1) |" in text
     assert "1. ct2mr-src: from the zoo" in text
     assert "**ct2mr**: src with SM (20 cases), mean 0.625: liver 0.750, spleen 0.250" in text
     assert "SLAug (AAAI 2023, 2D) 88.6" in text
-    assert text.count("not finished") == len(runs) - 4
-    assert text.count("not measurable") == 1  # LGE has no training split: no in-domain LGE reference
+    assert text.count("not finished") == len(runs) - 5
+    # LGE has no training split: no in-domain LGE reference (v1 and v2 protocols)
+    assert text.count("not measurable") == 2
     png = tmp_path / "ablation.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "(ablation.png)" in text
 
@@ -379,9 +381,9 @@ def test_a_protocol_fixes_its_loss_whatever_its_recipe_says():
 
     from train import ablation
 
-    assert {r.name: r.config("cpu").loss for r in ablation.plan() if r.name != "bssfp2lge-indomain"} == \
-        {r.name: dict((r.protocol.reverse if r.in_domain else r.protocol).fixed)["loss"]
-         for r in ablation.plan() if r.name != "bssfp2lge-indomain"}
+    measurable = [r for r in ablation.plan() if ablation._unavailable(r) is None]
+    assert {r.name: r.config("cpu").loss for r in measurable} == \
+        {r.name: dict((r.protocol.reverse if r.in_domain else r.protocol).fixed)["loss"] for r in measurable}
     assert ablation.find("mr2ct-indomain").config("cpu").loss == "gdl" == ablation.find("ct2mr-src").config("cpu").loss
     ct2mr = ablation.find("ct2mr-src").protocol
     other = ablation.Run("ct2mr-src", dataclasses.replace(ct2mr, fixed=(("loss", "gdl_ce"), ("seed", 7))), "src")
@@ -931,3 +933,34 @@ def test_card_metrics_written_into_a_package_change_only_its_metrics(tiny_model,
     assert load_package(pkg).card.description == 'a "quoted", edited description'
     with pytest.raises(SystemExit, match="--write-card"):
         train_main(["card-metrics", f"cross_domain_mr={tmp_path / 'eval'}"])
+
+
+def test_the_v2_protocols_compare_none_and_src_at_the_v2_budget():
+    """Recipe v2's ablation: per task none vs SRC at 12 000 iterations; the SRC cell is the bundled
+    model's own training run (adopt: only the iteration may still differ while it trains), the in-domain
+    reference is the reverse v2 protocol's SRC model, and the published reference is the task's."""
+    from train import ablation
+
+    for task in ("ct2mr", "mr2ct", "bssfp2lge"):
+        v1, v2 = ablation.find(f"{task}-src").protocol, ablation.find(f"{task}-v2-src").protocol
+        assert (v2.source, v2.target, v2.target_split) == (v1.source, v1.target, v1.target_split)
+        assert v2.iterations == 12000 and v2.methods == ("none", "src") and v2.published == v1.published
+        none, src = ablation.find(f"{task}-v2-none").config("cpu"), ablation.find(f"{task}-v2-src").config("cpu")
+        assert (none.augmentation, src.augmentation) == ("none", "src")
+        assert none.model_dump(exclude={"augmentation", "output_dir", "model"}) == \
+            src.model_dump(exclude={"augmentation", "output_dir", "model"})
+        assert src.fov_augmentation > 0 and src.lr_schedule == "poly" and src.loss == "gdl_ce"
+    indomain, twin = ablation.find("ct2mr-v2-indomain").config("cpu"), ablation.find("mr2ct-v2-src").config("cpu")
+    assert Path(indomain.dataset).resolve() == Path(twin.dataset).resolve()
+    assert indomain.model_dump(exclude={"output_dir", "model", "dataset"}) == \
+        twin.model_dump(exclude={"output_dir", "model", "dataset"})
+    assert ablation.twin(ablation.find("ct2mr-v2-indomain")).name == "mr2ct-v2-src"
+    # the bundled CT model's recipe is the CT → MR v2 SRC cell: nothing but the budget's iteration differs
+    recipe = ablation.REPO / "train" / "recipes" / "abdomen_ct_src_v2_cpu.yaml"
+    from train.config import load_config
+
+    zoo = load_config(recipe).model_dump(mode="json")
+    assert ablation._differences(ablation.find("ct2mr-v2-src"), zoo, 5000) == [
+        "iteration: checkpoint is at 5000, the budget is 12000 (compare methods only at equal budget)"]
+    assert any(p.startswith("fov_augmentation") for p in ablation._differences(
+        ablation.find("ct2mr-v2-src"), dict(zoo, fov_augmentation=0.0), 12000))

@@ -68,8 +68,10 @@ PUBLISHED = {"ct2mr": ("SLAug (AAAI 2023, 2D)", 88.6), "mr2ct": ("SLAug (AAAI 20
 # changes what is learned. Paths, names, logging cadence, thread count and device do not.
 _TRAINING_KEYS = ("train_split", "val_split", "spacing", "patch_size", "network", "normalization",
                   "pre_smoothing_mm", "augmentation", "spatial_augmentation", "intensity_augmentation",
-                  "crop_margin", "landmark_sampling", "foreground_oversampling", "loss", "batch_size", "learning_rate",
-                  "l2", "ema_decay", "clip_factor", "consistency_weight", "precision", "seed")
+                  "crop_margin", "landmark_sampling", "foreground_oversampling", "fov_augmentation",
+                  "fov_min_slab_mm", "fov_min_inplane", "loss", "batch_size", "learning_rate", "lr_schedule",
+                  "warmup_iterations", "iterations", "l2", "ema_decay", "clip_factor", "consistency_weight",
+                  "precision", "seed")
 
 
 #: Cells trained with another seed than their recipe's, and why. Only for a first attempt that collapsed
@@ -103,10 +105,21 @@ class Protocol:
     #: settings the protocol fixes whatever its recipe says, so that a recipe improved for users later
     #: does not change what the protocol's recorded cells were trained with (``(key, value)`` pairs)
     fixed: tuple[tuple[str, object], ...] = ()
+    #: the methods compared (a later, longer budget compares fewer: every cell is hours of training)
+    methods: tuple[str, ...] = METHODS
+    #: training recipe generation: a protocol's reverse (in-domain references) is of the same generation
+    generation: str = "v1"
+    #: the cross-domain task (source → target) whatever the generation: the published reference's key
+    task: str = ""
 
     @property
     def reverse(self) -> "Protocol | None":
-        return next((p for p in PROTOCOLS if p.source == self.target and p.target == self.source), None)
+        return next((p for p in PROTOCOLS if p.source == self.target and p.target == self.source
+                     and p.generation == self.generation), None)
+
+    @property
+    def published(self) -> tuple[str, float] | None:
+        return PUBLISHED.get(self.task or self.name)
 
 
 # Budgets: what a CPU session can afford for the lighter 16–256 U-Net (≈ 1.1 s per iteration on one
@@ -119,6 +132,16 @@ PROTOCOLS = (
              fixed=(("loss", "gdl_ce"),)),
     Protocol("bssfp2lge", "Dataset503_CardiacBSSFP", "Dataset504_CardiacLGE", "test",
              "cardiac_bssfp_src_cpu.yaml", 3000, in_domain_train_split=None, fixed=(("loss", "gdl"),)),
+    # Recipe v2 (docs/recipe-v2.md) at its budget, 12 000 iterations: no appearance augmentation against
+    # SRC. The SRC cells are the bundled models' own training runs (``adopt``), the in-domain references
+    # their reverse protocols' SRC cells, as above; only the ``none`` cells are trained for the ablation.
+    Protocol("ct2mr-v2", "Dataset501_AbdomenCT", "Dataset502_AbdomenMRT2", "all", "abdomen_ct_src_v2_cpu.yaml",
+             12000, fixed=(("loss", "gdl_ce"),), methods=("none", "src"), generation="v2", task="ct2mr"),
+    Protocol("mr2ct-v2", "Dataset502_AbdomenMRT2", "Dataset501_AbdomenCT", "all", "abdomen_mr_src_v2_cpu.yaml",
+             12000, fixed=(("loss", "gdl_ce"),), methods=("none", "src"), generation="v2", task="mr2ct"),
+    Protocol("bssfp2lge-v2", "Dataset503_CardiacBSSFP", "Dataset504_CardiacLGE", "test",
+             "cardiac_bssfp_src_v2_cpu.yaml", 12000, in_domain_train_split=None, fixed=(("loss", "gdl_ce"),),
+             methods=("none", "src"), generation="v2", task="bssfp2lge"),
 )
 
 
@@ -191,7 +214,7 @@ class Run:
 def plan() -> list[Run]:
     runs = []
     for p in PROTOCOLS:
-        for m in METHODS:
+        for m in p.methods:
             runs.append(Run(f"{p.name}-{m}", p, m))
         runs.append(Run(f"{p.name}-indomain", p, "src", in_domain=True))
     return runs
@@ -657,7 +680,7 @@ def table(out_md: Path = REPO / "docs" / "ablation.md", figure: bool = True) -> 
     for p in PROTOCOLS:
         cross = [(r, s, setting) for r, s in results.get(p.name, []) if not r.in_domain
                  for setting in ("with SM", "without SM") if _mean(s, setting, "dice") is not None]
-        ref = PUBLISHED.get(p.name)
+        ref = p.published
         ref_text = f" Published reference: {ref[0]} {ref[1]:.1f} % mean Dice." if ref else ""
         if not cross:
             lines.append(f"- **{p.name}**: no finished cross-domain evaluation.{ref_text}")
@@ -699,8 +722,8 @@ def _figure(results: dict[str, list[tuple[Run, dict]]], path: Path) -> Path:
         for offset, setting, colour in ((-0.2, "without SM", "#9e9e9e"), (0.2, "with SM", "#1f77b4")):
             ax.bar([v + offset for v in x], [_mean(s, setting, "dice") or 0.0 for _, s in runs], 0.4,
                    label=setting, color=colour)
-        if p.name in PUBLISHED:
-            ax.axhline(PUBLISHED[p.name][1] / 100, color="#d62728", lw=1, ls="--", label=PUBLISHED[p.name][0])
+        if p.published:
+            ax.axhline(p.published[1] / 100, color="#d62728", lw=1, ls="--", label=p.published[0])
         ax.set_xticks(list(x), [r.label for r, _ in runs], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"{p.name} (budget {p.iterations} it)", fontsize=10)
