@@ -9,10 +9,14 @@ produce, with the semantics of the SimpleITK reference kept (:mod:`.preprocessin
   linear operator that factorises per axis. Its per-axis matrix (the Gaussian's exact impulse
   response, taken from SimpleITK itself, times the interpolation weights) is banded, so the volume is
   reduced axis by axis — each input voxel is read once, and nothing is smoothed that is not sampled.
+  The first pass runs in cache-sized column tiles, in threads, and converts each input voxel to
+  float32 there — through source matching's lookup when SM is on, so no matched copy of the scan is
+  ever made (:meth:`Band.apply_first_axis`).
 * **Out** (any input): the argmax of linearly interpolated probabilities is constant inside a model
   cell whose eight corners share one argmax (a convex combination keeps each pairwise inequality),
   so those cells are filled with a lookup and only the few mixed cells (organ boundaries) are
-  interpolated, all channels, with the same arithmetic as before.
+  interpolated, with the same arithmetic as before, in the channels that can win there (axis-aligned
+  targets: :func:`_candidate_groups`).
 """
 
 from __future__ import annotations
