@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from SRCSMSegmenterLib.errors import CancelledError, SRCSMError
+from SRCSMSegmenterLib.postprocess import add_arguments as add_postprocess_arguments
 
 
 def _parse_override(items: list[str]) -> dict:
@@ -97,14 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sm", choices=["both", "on", "off"], default="both", help="source matching settings")
     v.add_argument("--device", default="auto")
     v.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
-    clean = v.add_mutually_exclusive_group()
-    clean.add_argument("--postprocess", default="card", metavar="card|none|keep-largest|min-volume:MM3",
-                       help="clean-up as `srcsm segment` applies it: the model card's default (card, the default: "
-                            "what a user gets), none (the network's own labels), keep-largest, min-volume:MM3")
-    clean.add_argument("--keep-largest", dest="postprocess", action="store_const", const="keep-largest",
-                       help="= --postprocess keep-largest")
-    clean.add_argument("--no-keep-largest", dest="postprocess", action="store_const", const="none",
-                       help="= --postprocess none")
+    add_postprocess_arguments(v, "each prediction, as `srcsm segment` applies it (card: what a user gets; none: "
+                                 "the network's own labels)")
     v.add_argument("--landmark", action="store_true",
                    help="also evaluate inside the paper's ground-truth-centred ROI (measures the cost of our "
                         "whole-volume sliding window; not a clinical setting)")

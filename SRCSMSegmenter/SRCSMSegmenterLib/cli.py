@@ -56,14 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modality of the INPUT (decides the SM preprocessing rule); auto: CT if it holds HU air")
     s.add_argument("--device", choices=["auto", "cpu", "cuda", "mps", "gpu"], default="auto", help=DEVICE_HELP)
     s.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help=PRECISION_HELP)
-    clean = s.add_mutually_exclusive_group()
-    clean.add_argument("--postprocess", default="card", metavar="card|none|keep-largest|min-volume:MM3",
-                       help="clean-up of the result: the model card's default (card, the default), none, the "
-                            "largest component of each label, or drop components under MM3 cubic millimetres")
-    clean.add_argument("--keep-largest", dest="postprocess", action="store_const", const="keep-largest",
-                       help="keep only the largest component of each label (= --postprocess keep-largest)")
-    clean.add_argument("--no-keep-largest", dest="postprocess", action="store_const", const="none",
-                       help="no clean-up, whatever the model card says (= --postprocess none)")
+    from .postprocess import add_arguments as postprocess_arguments
+
+    postprocess_arguments(s)
     s.add_argument("--inference", choices=["card", "whole-grid", "sliding-window"], default="card",
                    help="how the network runs over the scan: as the model card says (card, the default), one "
                         "pass over the whole model grid, or sliding windows of the training patch")

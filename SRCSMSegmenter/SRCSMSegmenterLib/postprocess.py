@@ -15,6 +15,7 @@ A user's choice is one of :data:`CHOICES` (``card`` = the model's default), reso
 
 from __future__ import annotations
 
+import argparse
 from typing import Literal
 
 import numpy as np
@@ -81,6 +82,19 @@ def parse_choice(text: str) -> str:
     raise InputError(
         f"Unknown post-processing '{text}'. Use card (the model's default), none, keep-largest, or "
         f"min-volume:MM3 (e.g. min-volume:500 drops islands under 500 mm³).")
+
+
+def add_arguments(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    """The clean-up options every front end that segments takes (``srcsm segment``, ``python -m train
+    evaluate``): ``--postprocess`` (default ``card``) and its two shorthands, mutually exclusive."""
+    clean = parser.add_mutually_exclusive_group()
+    clean.add_argument("--postprocess", default="card", metavar="card|none|keep-largest|min-volume:MM3",
+                       help=f"clean-up of {what}: the model card's default (card, the default), none, the "
+                            "largest component of each label, or drop components under MM3 cubic millimetres")
+    clean.add_argument("--keep-largest", dest="postprocess", action="store_const", const="keep-largest",
+                       help="keep only the largest component of each label (= --postprocess keep-largest)")
+    clean.add_argument("--no-keep-largest", dest="postprocess", action="store_const", const="none",
+                       help="no clean-up, whatever the model card says (= --postprocess none)")
 
 
 def resolve(card_default: PostProcessing | None, choice: str | PostProcessing = "card") -> PostProcessing:
