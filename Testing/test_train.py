@@ -964,3 +964,5 @@ def test_the_v2_protocols_compare_none_and_src_at_the_v2_budget():
         "iteration: checkpoint is at 5000, the budget is 12000 (compare methods only at equal budget)"]
     assert any(p.startswith("fov_augmentation") for p in ablation._differences(
         ablation.find("ct2mr-v2-src"), dict(zoo, fov_augmentation=0.0), 12000))
+    longer = ablation._differences(ablation.find("ct2mr-v2-src"), dict(zoo, iterations=20000), 12000)
+    assert longer == ["iterations: the run's poly learning-rate schedule spans 20000 iterations, the plan's 12000"]

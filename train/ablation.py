@@ -70,7 +70,7 @@ _TRAINING_KEYS = ("train_split", "val_split", "spacing", "patch_size", "network"
                   "pre_smoothing_mm", "augmentation", "spatial_augmentation", "intensity_augmentation",
                   "crop_margin", "landmark_sampling", "foreground_oversampling", "fov_augmentation",
                   "fov_min_slab_mm", "fov_min_inplane", "loss", "batch_size", "learning_rate", "lr_schedule",
-                  "warmup_iterations", "iterations", "l2", "ema_decay", "clip_factor", "consistency_weight",
+                  "warmup_iterations", "l2", "ema_decay", "clip_factor", "consistency_weight",
                   "precision", "seed")
 
 
@@ -536,6 +536,11 @@ def _differences(run: Run, config: dict, iteration: int) -> list[str]:
     got = TrainConfig.model_validate(config).model_dump(mode="json")  # older runs: defaults filled
     problems = [f"{k}: run has {got.get(k)!r}, the plan needs {expected[k]!r}"
                 for k in _TRAINING_KEYS if got.get(k) != expected[k]]
+    if expected.get("lr_schedule", "constant") != "constant" and got.get("iterations") != expected["iterations"]:
+        # a decaying schedule is stretched over the run's iterations: stopping a longer run at the budget
+        # is another training (a constant rate, v1, does not care)
+        problems.append(f"iterations: the run's {got.get('lr_schedule')} learning-rate schedule spans "
+                        f"{got.get('iterations')} iterations, the plan's {expected['iterations']}")
     if Path(got["dataset"]).name != Path(expected["dataset"]).name:
         problems.append(f"dataset: run trained on {Path(got['dataset']).name}, the plan needs "
                         f"{Path(expected['dataset']).name}")

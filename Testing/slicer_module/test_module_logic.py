@@ -137,12 +137,14 @@ def test_preview_is_matching_match_and_reuses_its_node(slicer_app, logic, model_
     mr_node.SetAndObserveTransformNodeID(transform.GetID())
 
     calls = []
-    real_match = matching.match
-    monkeypatch.setattr(matching, "match", lambda *a, **k: calls.append(a) or real_match(*a, **k))
+    real_match, real_source_match = matching.match, matching.source_match
+    monkeypatch.setattr(matching, "source_match", lambda *a, **k: calls.append(a) or real_source_match(*a, **k))
 
     first = logic.preview(mr_node, model_card.id)
-    assert len(calls) == 1  # the preview goes through matching.match …
-    assert inference.match is real_match  # … the very function the segmentation applies
+    assert len(calls) == 1  # the preview goes through matching.source_match (match() wraps it) …
+    # … the definition the segmentation applies: source_match, or for an integer image the same raw-value
+    # mapping source_match itself uses, looked up inside the resampling (identical values, test_inference)
+    assert inference.source_match is real_source_match and inference.fit_raw_mapping is matching.fit_raw_mapping
 
     expected = real_match(mrml.volume_from_node(mr_node), model_card.source_profile, first.target_modality)
     assert first.target_modality == "MR"
