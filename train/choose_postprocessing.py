@@ -17,7 +17,6 @@ first: no clean-up unless it measurably helps).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass
 import math
 import os

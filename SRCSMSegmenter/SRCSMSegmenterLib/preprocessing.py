@@ -76,7 +76,7 @@ def to_model_grid(volume: Volume, grid: Grid, *, pre_smoothing_mm: float = 0.0, 
     of view ``default_value`` (the image minimum when None — air rather than the paper's 0, which for CT
     would be water). ``convert(values, out)`` maps the voxel values first (source matching's lookup):
     on the fast path slab by slab inside the resampling, else over the whole image (the result is
-    the same). Labels: nearest neighbour, uint8, background outside.
+    the same); ``default_value`` is then required. Labels: nearest neighbour, uint8, background outside.
     """
     if is_label:
         image = sitk.GetImageFromArray(volume.array.astype(np.uint8, copy=False))
@@ -85,19 +85,17 @@ def to_model_grid(volume: Volume, grid: Grid, *, pre_smoothing_mm: float = 0.0, 
                             0, sitk.sitkUInt8)
     else:
         if default_value is None:
-            default_value = float(np.min(volume.array)) if convert is None else None
-        fast = None
-        if default_value is not None:
-            fast = smooth_and_resample(volume.array, volume.geometry, grid.geometry, grid.shape_kji,
-                                       pre_smoothing_mm, float(default_value), convert)
+            if convert is not None:  # the minimum of the converted values is the caller's to know (SM: lut[0])
+                raise ValueError("to_model_grid: give default_value together with convert")
+            default_value = float(np.min(volume.array))
+        fast = smooth_and_resample(volume.array, volume.geometry, grid.geometry, grid.shape_kji, pre_smoothing_mm,
+                                   float(default_value), convert)
         if fast is not None:  # axis-aligned input: per-axis banded operator, same result (resampling.py)
             return Volume(fast, grid.geometry)
-        if convert is not None:
+        if convert is not None:  # SimpleITK path: convert the whole image first
             values = np.empty(volume.shape, dtype=np.float32)
             convert(volume.array, values)
             volume = Volume(values, volume.geometry)
-            if default_value is None:
-                default_value = float(np.min(values))
         image = smooth(volume, pre_smoothing_mm)
         out = sitk.Resample(image, _reference(grid, sitk.sitkFloat32), sitk.Transform(), sitk.sitkLinear,
                             float(default_value), sitk.sitkFloat32)
