@@ -13,7 +13,8 @@ import pytest
 from SRCSMSegmenterLib.image import Volume, read_volume
 from train import perturbations as P
 from train.metrics import read_label_map
-from train.robustness import load_results, run_robustness, summarize, write_report
+from train.robustness import (UNPERTURBED, bar_failures, load_results, match_previous, run_robustness,
+                              summarize, write_report)
 
 MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
@@ -234,3 +235,53 @@ def test_report_is_written_from_the_results_deterministically(small_run, tmp_pat
     with pytest.raises(ValueError, match="robustness.json"):
         write_report([tmp_path], md, tmp_path / "docs" / "figures")
     assert json.loads((small_run / "robustness.json").read_text(encoding="utf-8"), parse_constant=float)
+
+
+def _setting(dice: float, same_view: float, empty: int = 0, in_view: int = 3) -> dict:
+    return {"dice": dice, "dice_unperturbed": same_view, "agreement": 1.0, "empty": empty, "in_view": in_view,
+            "labels": {}}
+
+
+def test_the_bar_holds_every_perturbation_but_the_thinnest_views_to_five_hundredths():
+    met = {UNPERTURBED: _setting(0.85, 0.85), "slab_60mm": _setting(0.80, 0.85), "iso_3mm": _setting(0.84, 0.85),
+           "slab_40mm": _setting(0.40, 0.85), "crop_half": _setting(0.50, 0.80)}
+    assert bar_failures(met) == []
+    failing = dict(met, slab_60mm=_setting(0.79, 0.85), oblique_25deg=_setting(0.70, 0.86),
+                   slab_40mm=_setting(0.40, 0.85, empty=2), pad_500mm=_setting(float("nan"), 0.85))
+    # a 40 mm slab may lose Dice but never leave a label in view empty; NaN (nothing in view) is no failure
+    assert bar_failures(failing) == ["`slab_60mm` -0.06", "`slab_40mm` 2 empty", "`oblique_25deg` -0.16"]
+    assert bar_failures({UNPERTURBED: _setting(0.6, 0.6, empty=1)}) == ["`none` 1 empty"]
+
+
+def test_report_sets_the_earlier_version_beside_the_same_cases_and_states_the_bar(small_run, tmp_path):
+    """An earlier version's run on the same cases (another weights hash) goes beside the result; the
+    overview says whether the bar is met and why not."""
+    result = json.loads((small_run / "robustness.json").read_text(encoding="utf-8"))
+    old = json.loads(json.dumps(result))
+    old["meta"].update(model_version="0.0.9", weights_sha256="0" * 64, date="2026-01-01")
+    for r in old["rows"]:
+        if r["perturbation"] == "slab_40mm":
+            r.update(dice=0.0, empty_in_view=r["ref_voxels"] > 0)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "robustness.json").write_text(json.dumps(old), encoding="utf-8")
+    current, earlier = load_results([small_run]), load_results([tmp_path / "old"])
+    assert match_previous(current, earlier) == {0: earlier[0]}
+    assert match_previous(current, current) == {}  # the same weights are not an earlier version
+    other_cases = json.loads(json.dumps(old))
+    other_cases["meta"]["cases"] = ["pat_07"]
+    assert match_previous(current, [other_cases]) == {}
+    with pytest.raises(ValueError, match="one folder per model and dataset"):
+        match_previous(current, earlier + earlier)
+
+    md = write_report([small_run], tmp_path / "robustness.md", tmp_path / "figures", log=lambda m: None,
+                      previous=[tmp_path / "old"])
+    text = md.read_text(encoding="utf-8")
+    s, ps = summarize(current[0]), summarize(earlier[0])
+    assert "| perturbation | Dice | same view | Δ | agree | empty | 0.0.9 | Δ 0.0.9 |" in text
+    line = next(line for line in text.splitlines() if line.startswith("| `slab_40mm`"))
+    assert f"| {s['slab_40mm']['dice']:.2f} |" in line
+    assert f"| 0.00 (∅ {ps['slab_40mm']['empty']}/{ps['slab_40mm']['in_view']}) |" in line
+    overview = next(line for line in text.splitlines() if line.startswith("| cardiac-bssfp-srcsm "))
+    assert f"| {s[UNPERTURBED]['dice']:.2f} (0.0.9: {ps[UNPERTURBED]['dice']:.2f}) |" in overview
+    failures = bar_failures(s)
+    assert overview.endswith("| met |" if not failures else "| not met: " + "; ".join(failures) + " |")

@@ -16,8 +16,10 @@ slab. Next to each perturbed Dice it records
 
 It writes ``DIR/robustness.json`` (meta + rows) and ``DIR/rows.csv``. ``python -m train robustness
 --report DIR [DIR …] --markdown docs/robustness.md --figures docs/figures`` turns any number of such
-folders into one Markdown report with one figure per model (``robustness_<model>.png``); the report
-depends only on the JSON files, so regenerating it from the same results gives the same bytes.
+folders into one Markdown report with one figure per model (``robustness_<model>.png``), an overview
+against the bar a released model must clear (:func:`bar_failures`) and, with ``--previous DIR …``, an
+earlier version's run on the same cases beside each result; the report depends only on the JSON
+files, so regenerating it from the same results gives the same bytes.
 """
 
 from __future__ import annotations
@@ -218,6 +220,54 @@ def summarize(result: dict) -> dict[str, dict]:
     return out
 
 
+# --------------------------------------------------------------------------------- the bar
+
+#: The bar a released model must clear (issue 15): every perturbation but these costs at most
+#: :data:`MAX_LOSS` Dice against the same view unperturbed. A 40 mm slab and half the in-plane view
+#: remove most of the context the network reads, so there only the "never empty" rule holds.
+EXEMPT_FROM_LOSS = ("slab_40mm", "crop_half")
+MAX_LOSS = 0.05
+
+
+def bar_failures(summary: dict[str, dict]) -> list[str]:
+    """What keeps a model from the bar on one dataset, from :func:`summarize`'s output: perturbations
+    (outside :data:`EXEMPT_FROM_LOSS`) that lose more than :data:`MAX_LOSS`, and any setting — the
+    unperturbed one and the exempt ones included — that leaves a label empty where it is in view.
+    An empty list: the bar is met."""
+    failures = []
+    for p, v in summary.items():
+        why = []
+        loss = v["dice_unperturbed"] - v["dice"]
+        if p != UNPERTURBED and p not in EXEMPT_FROM_LOSS and not math.isnan(loss) and loss > MAX_LOSS + 1e-9:
+            why.append(f"{-loss:+.2f}")
+        if v["empty"]:
+            why.append(f"{v['empty']} empty")
+        if why:
+            failures.append(f"`{p}` " + ", ".join(why))
+    return failures
+
+
+def _result_key(result: dict) -> tuple:
+    meta = result["meta"]
+    return meta["model"], meta["dataset"], meta["split"], tuple(meta["cases"])
+
+
+def match_previous(results: Sequence[dict], previous: Sequence[dict]) -> dict[int, dict]:
+    """For each result (by index), the earlier run of the same model on the same cases under another
+    version or weights — what the report sets beside it. Raises when two earlier runs would match."""
+    out: dict[int, dict] = {}
+    for i, r in enumerate(results):
+        found = [p for p in previous if _result_key(p) == _result_key(r)
+                 and p["meta"].get("weights_sha256") != r["meta"].get("weights_sha256")]
+        if len(found) > 1:
+            versions = ", ".join(p["meta"]["model_version"] for p in found)
+            raise ValueError(f"{len(found)} earlier runs of {r['meta']['model']} on {r['meta']['dataset']} "
+                             f"({versions}); pass one folder per model and dataset to --previous")
+        if found:
+            out[i] = found[0]
+    return out
+
+
 # ------------------------------------------------------------------------------------- report
 
 
@@ -279,8 +329,10 @@ def figure(model_results: list[dict], path: str | os.PathLike[str]) -> Path:
     return _save(fig, path)
 
 
-def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: Path) -> str:
-    """The report text (deterministic given ``results``)."""
+def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: Path,
+             previous: Sequence[dict] = ()) -> str:
+    """The report text (deterministic given ``results`` and ``previous``, earlier versions' runs set
+    beside the matching results)."""
     by_model: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         by_model[r["meta"]["model"]].append(r)
@@ -299,7 +351,27 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
         "(cases × labels). Segmentation as `srcsm segment` runs it: source matching on, target modality",
         "auto, the model card's clean-up.",
         "",
+        f"**The bar** (issue 15): no perturbation costs more than {MAX_LOSS:.2f} Dice against the same view, except",
+        " and ".join(f"`{p}`" for p in EXEMPT_FROM_LOSS) + ", and no setting leaves a label empty where it is in view.",
+        "",
     ]
+    prev_of = match_previous(results, previous)
+    index = {id(r): i for i, r in enumerate(results)}
+    lines += ["| model | data | Dice unperturbed | worst Δ (held to the bar) | empty in view | the bar |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        meta, s = r["meta"], summarize(r)
+        held = [v["dice"] - v["dice_unperturbed"] for p, v in s.items()
+                if p != UNPERTURBED and p not in EXEMPT_FROM_LOSS]
+        worst = min((d for d in held if not math.isnan(d)), default=math.nan)
+        failures = bar_failures(s)
+        dice = _f(s[UNPERTURBED]["dice"])
+        prev = prev_of.get(index[id(r)])
+        if prev is not None:
+            dice += f" ({prev['meta']['model_version']}: {_f(summarize(prev)[UNPERTURBED]['dice'])})"
+        lines.append(f"| {meta['model']} {meta['model_version']} | {_domain(r)} | {dice} | {_f(worst) if math.isnan(worst) else f'{worst:+.2f}'} | "
+                     f"{sum(v['empty'] for v in s.values())} | {'met' if not failures else 'not met: ' + '; '.join(failures)} |")
+    lines.append("")
     for model, rs in by_model.items():
         meta0 = rs[0]["meta"]
         lines += [f"## {model} {meta0['model_version']} ({meta0['source_modality']})", ""]
@@ -310,12 +382,20 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
         for result in rs:
             meta = result["meta"]
             s = summarize(result)
+            prev = prev_of.get(index[id(result)])
+            ps = summarize(prev) if prev is not None else {}
             lines += [f"### {_domain(result)}: {len(meta['cases'])} cases ({', '.join(meta['cases'])})", "",
                       f"Run `{meta['command']}` on {meta['date']}, {meta['machine']}, device {meta['device']} "
                       f"({meta['precision']}), clean-up `{meta['postprocessing']}`, {meta['seconds']:.0f} s.", ""]
+            if prev is not None:
+                pm = prev["meta"]
+                lines += [f"**{pm['model_version']}** is the earlier version's run on the same cases ({pm['date']}, "
+                          f"clean-up `{pm['postprocessing']}`): its Dice and Δ under the same perturbation.", ""]
             label_names = list(meta["labels"].values())
-            lines.append("| perturbation | Dice | same view | Δ | agree | empty | " + " | ".join(label_names) + " |")
-            lines.append("|---|---|---|---|---|---|" + "---|" * len(label_names))
+            prev_head = f" {prev['meta']['model_version']} | Δ {prev['meta']['model_version']} |" if prev is not None else ""
+            lines.append("| perturbation | Dice | same view | Δ | agree | empty |" + prev_head + " "
+                         + " | ".join(label_names) + " |")
+            lines.append("|---|---|---|---|---|---|" + ("---|---|" if prev is not None else "") + "---|" * len(label_names))
             for p, v in s.items():
                 per_label = []
                 for name in label_names:
@@ -327,17 +407,28 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
                         cell = "not in view"
                     per_label.append(cell)
                 desc = meta["descriptions"].get(p, "unperturbed")
+                prev_cells = ""
+                if prev is not None:
+                    pv = ps.get(p)
+                    if pv is None:
+                        prev_cells = "– | – | "
+                    else:
+                        empty = f" (∅ {pv['empty']}/{pv['in_view']})" if pv["empty"] else ""
+                        prev_cells = f"{_f(pv['dice'])}{empty} | {_delta(pv['dice'], pv['dice_unperturbed'])} | "
                 lines.append(f"| `{p}` {desc} | {_f(v['dice'])} | {_f(v['dice_unperturbed'])} | "
                              f"{_delta(v['dice'], v['dice_unperturbed'])} | {_f(v['agreement'])} | "
-                             f"{v['empty']}/{v['in_view']} | " + " | ".join(per_label) + " |")
+                             f"{v['empty']}/{v['in_view']} | " + prev_cells + " | ".join(per_label) + " |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
 def write_report(folders: Sequence[str | os.PathLike[str]], markdown_path: str | os.PathLike[str],
-                 figures_dir: str | os.PathLike[str], log=print) -> Path:
-    """docs/robustness.md and docs/figures/robustness_<model>.png from result folders."""
+                 figures_dir: str | os.PathLike[str], log=print,
+                 previous: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """docs/robustness.md and docs/figures/robustness_<model>.png from result folders; ``previous``:
+    result folders of earlier model versions, set beside the runs on the same cases."""
     results = load_results(folders)
+    earlier = load_results(previous)
     markdown_path = Path(markdown_path)
     figures_dir = Path(figures_dir)
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +436,7 @@ def write_report(folders: Sequence[str | os.PathLike[str]], markdown_path: str |
     for r in results:
         by_model[r["meta"]["model"]].append(r)
     paths = {m: figure(rs, figures_dir / f"robustness_{m}.png") for m, rs in by_model.items()}
-    text = markdown(results, paths, markdown_path)
+    text = markdown(results, paths, markdown_path, earlier)
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(markdown_path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
@@ -353,4 +444,4 @@ def write_report(folders: Sequence[str | os.PathLike[str]], markdown_path: str |
     return markdown_path
 
 
-__all__ = ["PERTURBATIONS", "figure", "load_results", "markdown", "run_robustness", "summarize", "write_report"]
+__all__ = ["PERTURBATIONS", "bar_failures", "figure", "load_results", "markdown", "match_previous", "run_robustness", "summarize", "write_report"]

@@ -33,6 +33,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (raw HU noise)")
     r.add_argument("--out", help="output folder of the run")
     r.add_argument("--report", nargs="+", metavar="DIR", help="write the report from these result folders")
+    r.add_argument("--previous", nargs="+", default=[], metavar="DIR",
+                   help="with --report: result folders of earlier model versions, set beside the runs on the same cases")
     r.add_argument("--markdown", default="docs/robustness.md", help="report file (with --report)")
     r.add_argument("--figures", default="docs/figures", help="figure folder (with --report)")
 
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from .robustness import run_robustness, write_report
 
     if args.report:
-        write_report(args.report, args.markdown, args.figures)
+        write_report(args.report, args.markdown, args.figures, previous=args.previous)
         return 0
     if not (args.model and args.dataset and args.out):
         raise SystemExit("robustness needs MODEL DATASET --out DIR (or --report DIR ...)")
