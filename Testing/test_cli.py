@@ -351,7 +351,12 @@ def test_models_info_is_a_readable_card(tmp_path):
     out = srcsm("models", "info", "abdomen-ct-srcsm", env=env, check_rc=0).stdout
     assert "CT CT" not in out and "trained on:  CT —" in out
     assert "{" not in out and '"' not in out  # no raw JSON
-    assert "mean Dice: 0.759" in out and "liver 0.731" in out  # the card's measured numbers, as words
+    card = json.loads((Path(__file__).resolve().parents[1] / "Resources" / "Models" / "abdomen-ct-srcsm"
+                       / "model.json").read_text(encoding="utf-8"))
+    measured = card["metrics"]["cross_domain_mr_t2_chaos_all20"]["with_source_matching"]
+    # the card's measured numbers, as words
+    assert f"mean Dice: {measured['mean_dice']}" in out and f"liver {measured['dice_per_label']['liver']}" in out
+    assert "default clean-up: " in out and "training:    src, 12000 iterations" in out
     assert "training label volumes (21 cases)" in out
     mr = srcsm("models", "info", "abdomen-mr-srcsm", env=env, check_rc=0).stdout
     assert "trained on:  MR (T2)" in mr
