@@ -428,7 +428,9 @@ def test_committed_ablation_records_are_cells_of_the_plan():
         assert rec["provenance"]["kind"] in ("trained by the plan", "adopted run", "adopted package", "recovered")
         summary = rec["summary"]
         assert summary["dataset"] == run.eval_dataset.name
-        expected = 6 if run.name == "mr2ct-indomain" else 4 if run.name == "ct2mr-indomain" else cases[run.protocol.name]
+        task = run.protocol.task or run.protocol.name
+        expected = 6 if run.name.startswith("mr2ct") and run.name.endswith("-indomain") else \
+            4 if run.name.startswith("ct2mr") and run.name.endswith("-indomain") else cases[task]
         assert summary["cases"] == expected, f.name
         for setting in ("with SM", "without SM"):
             assert 0.0 < summary["settings"][setting]["mean"]["dice"] < 1.0, f.name
@@ -512,12 +514,15 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
 
 
 def test_bundled_packages_stand_in_only_for_their_own_cells():
-    """The zoo packages' cards carry their training configuration: the CT and cardiac models are their
-    SRC cells; the MR model (optimiser's weights, objective changed mid-run) is refused."""
+    """The zoo packages' cards carry their training configuration: the CT model (recipe v2) is its v2 SRC
+    cell and not the v1 one, the cardiac model its v1 SRC cell; the MR model (optimiser's weights,
+    objective changed mid-run) is refused."""
     from train import ablation
 
     models = REPO / "Resources" / "Models"
-    assert ablation.check_package(ablation.find("ct2mr-src"), models / "abdomen-ct-srcsm").id == "abdomen-ct-srcsm"
+    assert ablation.check_package(ablation.find("ct2mr-v2-src"), models / "abdomen-ct-srcsm").id == "abdomen-ct-srcsm"
+    with pytest.raises(ValueError, match="iterations"):
+        ablation.check_package(ablation.find("ct2mr-src"), models / "abdomen-ct-srcsm")
     assert ablation.check_package(ablation.find("bssfp2lge-src"), models / "cardiac-bssfp-srcsm")
     with pytest.raises(ValueError, match="'raw' weights"):
         ablation.check_package(ablation.find("mr2ct-src"), models / "abdomen-mr-srcsm")
