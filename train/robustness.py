@@ -229,17 +229,24 @@ EXEMPT_FROM_LOSS = ("slab_40mm", "crop_half")
 MAX_LOSS = 0.05
 
 
+def held_deltas(summary: dict[str, dict]) -> dict[str, float]:
+    """Dice change against the same view of every perturbation the loss rule holds (NaN: nothing in view)."""
+    return {p: v["dice"] - v["dice_unperturbed"] for p, v in summary.items()
+            if p != UNPERTURBED and p not in EXEMPT_FROM_LOSS}
+
+
 def bar_failures(summary: dict[str, dict]) -> list[str]:
     """What keeps a model from the bar on one dataset, from :func:`summarize`'s output: perturbations
     (outside :data:`EXEMPT_FROM_LOSS`) that lose more than :data:`MAX_LOSS`, and any setting — the
     unperturbed one and the exempt ones included — that leaves a label empty where it is in view.
     An empty list: the bar is met."""
+    deltas = held_deltas(summary)
     failures = []
     for p, v in summary.items():
         why = []
-        loss = v["dice_unperturbed"] - v["dice"]
-        if p != UNPERTURBED and p not in EXEMPT_FROM_LOSS and not math.isnan(loss) and loss > MAX_LOSS + 1e-9:
-            why.append(f"{-loss:+.2f}")
+        delta = deltas.get(p, math.nan)
+        if not math.isnan(delta) and -delta > MAX_LOSS + 1e-9:
+            why.append(f"{delta:+.2f}")
         if v["empty"]:
             why.append(f"{v['empty']} empty")
         if why:
@@ -361,15 +368,13 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
               "|---|---|---|---|---|---|"]
     for r in results:
         meta, s = r["meta"], summarize(r)
-        held = [v["dice"] - v["dice_unperturbed"] for p, v in s.items()
-                if p != UNPERTURBED and p not in EXEMPT_FROM_LOSS]
-        worst = min((d for d in held if not math.isnan(d)), default=math.nan)
+        worst = min((d for d in held_deltas(s).values() if not math.isnan(d)), default=math.nan)
         failures = bar_failures(s)
         dice = _f(s[UNPERTURBED]["dice"])
         prev = prev_of.get(index[id(r)])
         if prev is not None:
             dice += f" ({prev['meta']['model_version']}: {_f(summarize(prev)[UNPERTURBED]['dice'])})"
-        lines.append(f"| {meta['model']} {meta['model_version']} | {_domain(r)} | {dice} | {_f(worst) if math.isnan(worst) else f'{worst:+.2f}'} | "
+        lines.append(f"| {meta['model']} {meta['model_version']} | {_domain(r)} | {dice} | {'–' if math.isnan(worst) else f'{worst:+.2f}'} | "
                      f"{sum(v['empty'] for v in s.values())} | {'met' if not failures else 'not met: ' + '; '.join(failures)} |")
     lines.append("")
     for model, rs in by_model.items():
