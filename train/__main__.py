@@ -119,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--patches", type=int, default=4, help="training patches to look at (default 4)")
     d.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
+    r = sub.add_parser("release", help="export a finished run as a new model version and measure everything its "
+                                       "card and the docs need, into a staging folder (resumable); --install "
+                                       "then replaces the bundled package")
+    r.add_argument("run_dir", help="the finished run's output folder")
+    r.add_argument("--version", required=True, help="the new version, e.g. 0.3.0")
+    r.add_argument("--cross-domain", required=True, metavar="DATASET", help="the other domain's labelled dataset")
+    r.add_argument("--cross-split", default="all", help="its split to evaluate (default: all)")
+    r.add_argument("--in-domain-split", default=None,
+                   help="own dataset's split for the in-domain score (default: test, or the validation split "
+                        "where there is no test split)")
+    r.add_argument("--choose-split", default=None, help="own split that chooses strategy and clean-up (default: "
+                                                         "the recipe's validation split)")
+    r.add_argument("--staging", default=None, help="staging folder (default runs/release/<id>-<version>)")
+    r.add_argument("--robustness-cases", type=int, default=3)
+    r.add_argument("--perturbations", default=None, help="comma-separated robustness perturbations (default: all)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--allow-unfinished", action="store_true", help="release a run before its last iteration")
+    r.add_argument("--install", action="store_true",
+                   help="after measuring, replace the bundled package of this id with the staged one")
+    r.add_argument("--bundled-dir", default=None, help="bundled models folder (default: the project's Resources/Models)")
     from .robustness_cli import add_parsers
 
     add_parsers(sub)  # robustness, choose-postprocessing
@@ -187,6 +207,20 @@ def main(argv: list[str] | None = None) -> int:
                 from .card_metrics import card_metrics
 
                 print(set_card_fields(args.write_card, {"metrics": card_metrics(entries, args.note)}))
+            return 0
+        if args.command == "release":
+            from .release import install_release, plan_release, run_release
+
+            perts = [p.strip() for p in args.perturbations.split(",")] if args.perturbations else None
+            plan = plan_release(args.run_dir, args.version, args.cross_domain, cross_split=args.cross_split,
+                                in_domain_split=args.in_domain_split, choose_split=args.choose_split,
+                                staging=args.staging, bundled_dir=args.bundled_dir,
+                                robustness_cases=args.robustness_cases, perturbations=perts, device=args.device,
+                                allow_unfinished=args.allow_unfinished)
+            run_release(plan)
+            print((plan.staging / "release.md").read_text(encoding="utf-8"))
+            if args.install:
+                install_release(plan)
             return 0
         if args.command in ("robustness", "choose-postprocessing"):
             from .robustness_cli import run
