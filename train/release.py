@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from SRCSMSegmenterLib.errors import InputError
 from SRCSMSegmenterLib.image import atomic_output
-from SRCSMSegmenterLib.modelpackage import MODEL_JSON, WEIGHTS_FILE, load_package
+from SRCSMSegmenterLib.modelpackage import MODEL_JSON, WEIGHTS_FILE, load_package, swap_folder_in
 
 from .card_edit import set_card_fields
 from .card_metrics import card_metrics
@@ -344,11 +344,7 @@ def install_release(plan: ReleasePlan, log=print) -> Path:
         for name in (MODEL_JSON, WEIGHTS_FILE):
             shutil.copy2(plan.package / name, tmp / name)
         load_package(tmp)  # the copy is complete and intact before anything is replaced
-        old = bundled_dir / f".{plan.model_id}.old"
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_folder_in(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -336,17 +336,26 @@ def save_package(card_data: dict[str, Any], state_dict: dict[str, Any], destinat
         else:
             for name, blob in files.items():
                 (tmp / name).write_bytes(blob)
-            if destination.exists():
-                old = destination.with_name(f".{destination.name}.old")
-                os.replace(destination, old)
-                os.replace(tmp, destination)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, destination)
+            swap_folder_in(tmp, destination)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return destination
+
+
+def swap_folder_in(complete: Path, destination: Path) -> None:
+    """Move the finished folder ``complete`` to ``destination`` (a sibling), replacing what is there:
+    the old folder is renamed aside first and removed only once the new one is in place, so a reader
+    never sees a half-written package."""
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(destination, old)
+        os.replace(complete, destination)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(complete, destination)
 
 
 def read_card_bytes(data: bytes, where: str = "model.json") -> ModelCard:
