@@ -123,6 +123,11 @@ def test_unfinished_run_and_wrong_other_domain_are_refused(release_setup, tmp_pa
                         allow_unfinished=True).previous is None
     with pytest.raises(InputError, match="the dataset the model was trained on"):
         plan_release(plan.run_dir, "0.0.9", plan.own.root, bundled_dir=tmp_path)
+    with pytest.raises(InputError, match=r"--perturbations: unknown perturbation\(s\) \['slab_6mm'\]; choose from"):
+        plan_release(plan.run_dir, "0.0.9", plan.cross_domain.dataset.root, bundled_dir=tmp_path,
+                     perturbations=["flip_i", "slab_6mm"])
+    with pytest.raises(InputError, match="has no split 'test'"):
+        plan_release(plan.run_dir, "0.0.9", plan.cross_domain.dataset.root, bundled_dir=tmp_path, cross_split="test")
 
 
 def test_metric_key_keeps_a_protocols_history_under_one_key(release_setup):

@@ -139,6 +139,13 @@ def plan_release(run_dir: str | os.PathLike[str], version: str, cross_domain: st
     for dataset, split in ((own, choose), (own, in_domain_split), (other, cross_split)):
         if not dataset.split(split):  # also raises, naming the splits, if the split does not exist
             raise InputError(f"split '{split}' of '{dataset.name}' has no cases.")
+    if perturbations:
+        from .perturbations import perturbations_for
+
+        try:
+            perturbations_for(own.modality, list(perturbations))
+        except ValueError as exc:
+            raise InputError(f"--perturbations: {exc}") from exc
     model_id = config.model.id
     if bundled_dir is None:
         dirs = default_bundled_dirs()
