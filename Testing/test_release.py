@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -95,6 +96,13 @@ def test_rerun_keeps_what_was_measured_and_remeasures_what_a_changed_card_voids(
     assert not any(line.startswith("[release] export") or line.startswith("[release] choose") for line in ran)
     ind = json.loads((plan.staging / "eval" / "in_domain" / "summary.json").read_text(encoding="utf-8"))
     assert ind["postprocessing"] == "keep-largest"
+    # other robustness settings re-run the robustness steps only
+    logs.clear()
+    run_release(dataclasses.replace(plan, perturbations=["flip_k"]), log=logs.append)
+    ran = [line for line in logs if line.startswith("[release]") and line.endswith("…")]
+    assert ran == ["[release] robustness in_domain …", "[release] robustness cross_domain …"]
+    rob = json.loads((plan.staging / "robustness" / "cross_domain" / "robustness.json").read_text(encoding="utf-8"))
+    assert {r["perturbation"] for r in rob["rows"]} == {"none", "flip_k"}
 
 
 def test_install_swaps_the_verified_package_in(release_setup):

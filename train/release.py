@@ -23,9 +23,10 @@ Until now a release was a hand-kept shell script in the git-ignored ``runs/`` (a
 7. ``release.md`` / ``release.json`` in the staging folder: the new numbers next to the previous
    version's, and what keeps the model from the robustness bar.
 
-Each step records the fingerprint of the card it measured (the weights' sha256 plus the inference and
-clean-up settings) in ``steps.json``; a rerun skips every step whose record matches, so a release
-interrupted after an hour resumes where it stopped, and a changed choice re-measures what depends on it.
+Each step records a fingerprint of its inputs in ``steps.json``: the card it measured (the weights'
+sha256 plus the inference and clean-up settings) and its own settings (dataset, split, cases,
+perturbations, device). A rerun skips every step whose record matches, so a release interrupted after an
+hour resumes where it stopped, and a changed choice or setting re-measures exactly what depends on it.
 
 ``--install`` then replaces ``Resources/Models/<id>`` with the staged package (atomically: the old folder
 is swapped out only once the new one is complete and verified). The card's ``performance`` is left
@@ -171,8 +172,10 @@ def _save_records(plan: ReleasePlan) -> None:
         Path(tmp).write_text(json.dumps(plan.records, indent=1) + "\n", encoding="utf-8")
 
 
-def _step(plan: ReleasePlan, name: str, fingerprint: str, output: Path, work: Callable[[], Any], log) -> bool:
-    """Run ``work`` unless ``steps.json`` says it ran on this fingerprint and its output is there."""
+def _step(plan: ReleasePlan, name: str, inputs: dict[str, Any], output: Path, work: Callable[[], Any], log) -> bool:
+    """Run ``work`` unless ``steps.json`` says it ran on exactly these ``inputs`` (the card's fingerprint
+    and the step's own settings: dataset, split, cases, perturbations …) and its output is there."""
+    fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
     if plan.records.get(name) == fingerprint and output.exists():
         log(f"[release] {name}: kept (already measured on this card)")
         return False
@@ -204,7 +207,7 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
     plan.staging.mkdir(parents=True, exist_ok=True)
     _load_records(plan)
     config, iteration = _finished_iteration(plan.run_dir)
-    run_key = f"{plan.run_dir.resolve()}@{iteration}"
+    run_key = {"run": str(plan.run_dir.resolve()), "iteration": iteration, "id": plan.model_id, "version": plan.version}
 
     def do_export() -> None:
         export_run(plan.run_dir, plan.package, overwrite=True, weights_dtype="float16", version=plan.version,
@@ -212,7 +215,7 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
 
     # the export is keyed on the run and its iteration: a resumed run that trained further is re-exported
     if _step(plan, "export", run_key, plan.package / MODEL_JSON, do_export, log):
-        plan.records = {"export": run_key}  # everything measured on an older export is void
+        plan.records = {"export": plan.records["export"]}  # everything measured on an older export is void
         _save_records(plan)
     choose_file = plan.staging / "choose.json"
 
@@ -224,17 +227,24 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
             Path(tmp).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         write_card(plan.package, chosen.postprocessing, chosen.strategy, chosen.strategy_chosen_by)
 
-    _step(plan, "choose", run_key, choose_file, do_choose, log)
+    _step(plan, "choose", {**run_key, "split": plan.choose_split, "dataset": str(plan.own.root)}, choose_file,
+          do_choose, log)
     fp = card_fingerprint(plan.package)
     evals = plan.staging / "eval"
+
+    def settings(proto: Protocol, **more: Any) -> dict[str, Any]:
+        return {"dataset": str(proto.dataset.root.resolve()), "split": proto.split, "sm": proto.sm,
+                "device": plan.device, **more}
+
     for proto in (plan.in_domain, plan.cross_domain):
         out = evals / proto.kind
-        _step(plan, f"evaluate {proto.kind}", fp, out / "summary.json",
+        _step(plan, f"evaluate {proto.kind}", settings(proto, card=fp), out / "summary.json",
               lambda p=proto, o=out: evaluate_model(plan.package, p.dataset.root, o, split=p.split, sm=p.sm,
                                                     device=plan.device, log=log), log)
     for proto in (plan.in_domain, plan.cross_domain):
         out = plan.staging / "robustness" / proto.kind
-        _step(plan, f"robustness {proto.kind}", fp, out / "robustness.json",
+        _step(plan, f"robustness {proto.kind}", settings(proto, card=fp, cases=plan.robustness_cases,
+                                                         perturbations=plan.perturbations), out / "robustness.json",
               lambda p=proto, o=out: run_robustness(plan.package, p.dataset.root, o, split=p.split,
                                                     cases=plan.robustness_cases, perturbations=plan.perturbations,
                                                     device=plan.device, log=log,
@@ -245,7 +255,7 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
         previous_metrics = json.loads((plan.previous / MODEL_JSON).read_text(encoding="utf-8")).get("metrics") or {}
         for proto in (plan.in_domain, plan.cross_domain):
             out = evals / f"previous_{proto.kind}"
-            _step(plan, f"previous {proto.kind}", prev_fp, out / "summary.json",
+            _step(plan, f"previous {proto.kind}", settings(proto, card=prev_fp), out / "summary.json",
                   lambda p=proto, o=out: evaluate_model(plan.previous, p.dataset.root, o, split=p.split,
                                                         sm=p.sm, device=plan.device, log=log), log)
     keys = {metric_key(p, previous_metrics): evals / p.kind for p in (plan.in_domain, plan.cross_domain)}
