@@ -220,7 +220,7 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
     choose_file = plan.staging / "choose.json"
 
     def do_choose() -> None:
-        summary = measure(plan.package, plan.own.root, [plan.choose_split], device=plan.device)
+        summary = measure(plan.package, plan.own.root, [plan.choose_split], device=plan.device, log=log)
         chosen = choose(summary)
         summary["chosen"] = {"strategy": chosen.strategy, "postprocessing": chosen.postprocessing.model_dump(mode="json")}
         with atomic_output(choose_file) as tmp:
