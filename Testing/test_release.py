@@ -62,7 +62,7 @@ def test_release_measures_into_the_staged_card(release_setup):
     assert "python -m train release" in m["note"]
     # the previous version went through the same protocol, and the report puts it beside the new one
     prev = json.loads((plan.staging / "eval" / "previous_cross_domain" / "summary.json").read_text(encoding="utf-8"))
-    assert prev["weights_sha256"] == json.loads((bundled / "tiny-ct" / MODEL_JSON).read_text())["weights"]["sha256"]
+    assert prev["weights_sha256"] == json.loads((bundled / "tiny-ct" / MODEL_JSON).read_text(encoding="utf-8"))["weights"]["sha256"]
     on = summary["protocols"]["cross_domain"]["settings"]["on"]
     assert on["dice"] == cross["settings"]["with SM"]["mean"]["dice"]
     assert on["previous"] == prev["settings"]["with SM"]["mean"]["dice"]
@@ -112,7 +112,8 @@ def test_install_swaps_the_verified_package_in(release_setup):
     assert installed.card.version == "0.0.2" and installed.card.metrics
     assert sorted(p.name for p in bundled.iterdir()) == ["tiny-ct"]  # no temporary or old folder left
     # a staged card whose version does not match the plan is refused, and the bundled copy stays
-    (plan.package / MODEL_JSON).write_text((plan.package / MODEL_JSON).read_text().replace('"0.0.2"', '"0.0.3"'))
+    card = (plan.package / MODEL_JSON).read_text(encoding="utf-8")
+    (plan.package / MODEL_JSON).write_text(card.replace('"0.0.2"', '"0.0.3"'), encoding="utf-8")
     with pytest.raises(InputError, match="rerun the release"):
         install_release(plan, log=lambda m: None)
     assert load_package(target).card.version == "0.0.2"
