@@ -514,9 +514,8 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
 
 
 def test_bundled_packages_stand_in_only_for_their_own_cells():
-    """The zoo packages' cards carry their training configuration: the CT model (recipe v2) is its v2 SRC
-    cell and not the v1 one, the cardiac model its v1 SRC cell; the MR model (optimiser's weights,
-    objective changed mid-run) is refused."""
+    """The zoo packages' cards carry their training configuration: the CT and MR models (recipe v2) are
+    their v2 SRC cells and not the v1 ones, the cardiac model its v1 SRC cell."""
     from train import ablation
 
     models = REPO / "Resources" / "Models"
@@ -524,7 +523,8 @@ def test_bundled_packages_stand_in_only_for_their_own_cells():
     with pytest.raises(ValueError, match="iterations"):
         ablation.check_package(ablation.find("ct2mr-src"), models / "abdomen-ct-srcsm")
     assert ablation.check_package(ablation.find("bssfp2lge-src"), models / "cardiac-bssfp-srcsm")
-    with pytest.raises(ValueError, match="'raw' weights"):
+    assert ablation.check_package(ablation.find("mr2ct-v2-src"), models / "abdomen-mr-srcsm").id == "abdomen-mr-srcsm"
+    with pytest.raises(ValueError, match="iterations"):
         ablation.check_package(ablation.find("mr2ct-src"), models / "abdomen-mr-srcsm")
     with pytest.raises(ValueError, match="dataset: run trained on Dataset501_AbdomenCT"):
         ablation.check_package(ablation.find("bssfp2lge-src"), models / "abdomen-ct-srcsm")
