@@ -107,6 +107,14 @@ def test_rerun_keeps_what_was_measured_and_remeasures_what_a_changed_card_voids(
 
 def test_install_swaps_the_verified_package_in(release_setup):
     plan, _, _, bundled = release_setup
+    # the release leaves the timing and the description to a person: the report says so, install refuses
+    report = (plan.staging / "release.md").read_text(encoding="utf-8")
+    assert "Left by hand before installing: the card's `performance`" in report and "`description`" in report
+    with pytest.raises(InputError, match="still lacks `performance`.*and `description`"):
+        install_release(plan, log=lambda m: None)
+    assert load_package(bundled / "tiny-ct").card.version == "0.0.1"
+    set_card_fields(plan.package, {"performance": {"cpu": "0.1 s for a BTCV CT (test)"},
+                                   "description": "The tiny CT model, version 0.0.2 as measured by its release."})
     target = install_release(plan, log=lambda m: None)
     installed = load_package(target)
     assert installed.card.version == "0.0.2" and installed.card.metrics

@@ -87,6 +87,11 @@ def check_not_bundled(model_id: str, destination: Path, replace_bundled: bool,
             )
 
 
+def default_description(config: TrainConfig, dataset=None) -> str:
+    """The card description an export writes unless told another: the recipe's, else the dataset's."""
+    return config.model.description or (dataset or load_dataset(config.dataset)).description
+
+
 def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, Any] | None = None,
                performance: dict[str, Any] | None = None, overwrite: bool = False, log=print,
                weights_dtype: str = "float32", version: str | None = None, description: str | None = None,
@@ -121,7 +126,7 @@ def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, 
         "id": model_id,
         "name": config.model.name,
         "version": version,
-        "description": description or config.model.description or dataset.description,
+        "description": description or default_description(config, dataset),
         "license": config.model.license,
         "training_data": [{"name": cite, "cases": n_train, "terms": terms,
                            "citation": config.model.training_data_citation}],

@@ -30,7 +30,10 @@ hour resumes where it stopped, and a changed choice or setting re-measures exact
 
 ``--install`` then replaces ``Resources/Models/<id>`` with the staged package (atomically: the old folder
 is swapped out only once the new one is complete and verified). The card's ``performance`` is left
-for ``Testing/benchmarks/bench_inference.py --package`` (a benchmark, not part of a release run).
+for ``Testing/benchmarks/bench_inference.py --package`` (a benchmark, not part of a release run: its
+timings would share the cores with the release's own steps) and its ``description`` to a person, who
+says what the version measured; the report lists what is still missing and ``--install`` refuses a card
+that lacks either (:func:`left_by_hand`).
 """
 
 from __future__ import annotations
@@ -310,7 +313,28 @@ def release_summary(plan: ReleasePlan, keys: dict[str, Path]) -> dict:
             s = summarize(_read_json(f))
             out["robustness"][kind] = {"unperturbed": s[UNPERTURBED]["dice"] if UNPERTURBED in s else None,
                                        "bar_failures": bar_failures(s)}
+    out["left_by_hand"] = left_by_hand(plan.package, _exported_description(plan))
     return out
+
+
+def _exported_description(plan: ReleasePlan) -> str:
+    from .export import default_description
+
+    return default_description(_finished_iteration(plan.run_dir)[0], plan.own)
+
+
+def left_by_hand(package: Path, exported_description: str | None) -> list[str]:
+    """What the staged card still lacks before it can be installed: the measured ``performance`` (not
+    timed here: the release's own steps would share the cores with it) and a ``description`` that says
+    what the release measured (the export writes the recipe's or the dataset's)."""
+    card = _read_json(package / MODEL_JSON)
+    todo = []
+    if not card.get("performance"):
+        todo.append("`performance` (`python Testing/benchmarks/bench_inference.py --package "
+                    f"{package}`, set with `train.card_edit.set_card_fields`)")
+    if not card.get("description") or card.get("description") == exported_description:
+        todo.append("`description` (still the one the export wrote; say what this version measured)")
+    return todo
 
 
 def _f(x: float | None) -> str:
@@ -334,8 +358,10 @@ def write_release_report(plan: ReleasePlan, summary: dict) -> Path:
     for kind, r in summary["robustness"].items():
         verdict = "met" if not r["bar_failures"] else "not met: " + "; ".join(r["bar_failures"])
         lines.append(f"- {kind.replace('_', '-')}: unperturbed {_f(r['unperturbed'])}; the bar {verdict}")
-    lines += ["", "Left by hand before installing: the card's `performance` (`python Testing/benchmarks/bench_inference.py "
-              f"--package {plan.package}`) and its description; then `python -m train release … --install`.", ""]
+    todo = summary.get("left_by_hand", [])
+    lines += ["", ("Left by hand before installing: the card's " + " and ".join(todo) + "; then "
+                   if todo else "The card's performance and description are filled in; ")
+              + "`python -m train release … --install`.", ""]
     path = plan.staging / "release.md"
     with atomic_output(path) as tmp:
         Path(tmp).write_text("\n".join(lines), encoding="utf-8")
@@ -354,6 +380,10 @@ def install_release(plan: ReleasePlan, log=print) -> Path:
                          f"{plan.model_id} {plan.version}: rerun the release.")
     if not staged.card.metrics:
         raise InputError(f"the staged package in '{plan.package}' has no measured metrics: run the release first.")
+    todo = left_by_hand(plan.package, _exported_description(plan))
+    if todo:
+        raise InputError(f"the staged card in '{plan.package}' still lacks " + " and ".join(todo)
+                         + "; fill them in, then install.")
     bundled_dir = plan.bundled_dir
     target = bundled_dir / plan.model_id
     tmp = Path(tempfile.mkdtemp(prefix=f".{plan.model_id}.", dir=bundled_dir))
