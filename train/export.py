@@ -32,7 +32,7 @@ from SRCSMSegmenterLib.normalization import default_normalization
 from SRCSMSegmenterLib.plausibility import TrainingLabelStats, measure_label_stats
 
 from .config import TrainConfig
-from .datasets import load_dataset
+from .datasets import Dataset, load_dataset
 from .trainer import load_checkpoint
 
 DATASET_CITATIONS = {
@@ -87,7 +87,7 @@ def check_not_bundled(model_id: str, destination: Path, replace_bundled: bool,
             )
 
 
-def default_description(config: TrainConfig, dataset=None) -> str:
+def default_description(config: TrainConfig, dataset: Dataset | None = None) -> str:
     """The card description an export writes unless told another: the recipe's, else the dataset's."""
     return config.model.description or (dataset or load_dataset(config.dataset)).description
 
