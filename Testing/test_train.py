@@ -513,9 +513,10 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
     assert f"{reseeded.name}: " in ablation.table(tmp_path / "ablation.md", figure=False).read_text(encoding="utf-8")
 
 
-def test_bundled_packages_stand_in_only_for_their_own_cells():
+def test_bundled_packages_stand_in_only_for_their_own_cells(tmp_path):
     """The zoo packages' cards carry their training configuration: the CT and MR models (recipe v2) are
-    their v2 SRC cells and not the v1 ones, the cardiac model its v1 SRC cell."""
+    their v2 SRC cells and not the v1 ones, the cardiac model its v1 SRC cell; a package of the
+    optimiser's weights (as MR 0.2.0 was: objective changed mid-run) is refused."""
     from train import ablation
 
     models = REPO / "Resources" / "Models"
@@ -526,6 +527,13 @@ def test_bundled_packages_stand_in_only_for_their_own_cells():
     assert ablation.check_package(ablation.find("mr2ct-v2-src"), models / "abdomen-mr-srcsm").id == "abdomen-mr-srcsm"
     with pytest.raises(ValueError, match="iterations"):
         ablation.check_package(ablation.find("mr2ct-src"), models / "abdomen-mr-srcsm")
+    raw = tmp_path / "abdomen-mr-srcsm"
+    shutil.copytree(models / "abdomen-mr-srcsm", raw)
+    card = json.loads((raw / "model.json").read_text(encoding="utf-8"))
+    card["provenance"]["config"]["export_weights"] = "raw"
+    (raw / "model.json").write_text(json.dumps(card, indent=1), encoding="utf-8")
+    with pytest.raises(ValueError, match="'raw' weights"):
+        ablation.check_package(ablation.find("mr2ct-v2-src"), raw)
     with pytest.raises(ValueError, match="dataset: run trained on Dataset501_AbdomenCT"):
         ablation.check_package(ablation.find("bssfp2lge-src"), models / "abdomen-ct-srcsm")
 

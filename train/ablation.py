@@ -583,7 +583,7 @@ def check_package(run: Run, package_path: str | os.PathLike[str]):
 
     Beyond the training settings, the cell is evaluated on the EMA weights (what the plan exports), so a
     package holding the optimiser's weights (``export --weights raw``) is refused — in this project that
-    is also the mark of a run whose objective changed mid-way (the MR zoo model)."""
+    is also the mark of a run whose objective changed mid-way (the MR zoo model 0.2.0)."""
     from SRCSMSegmenterLib.modelpackage import load_package
 
     package = load_package(package_path)
