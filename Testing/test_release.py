@@ -14,6 +14,7 @@ from SRCSMSegmenterLib.errors import InputError
 from SRCSMSegmenterLib.modelpackage import MODEL_JSON, load_package
 
 from train.card_edit import set_card_fields
+from train.robustness import load_results, summarize
 from train.release import (Protocol, card_fingerprint, install_release, metric_key, plan_release,
                            run_release)
 
@@ -29,7 +30,7 @@ def release_setup(tiny_model, tmp_path_factory):
     bundled.mkdir()
     shutil.copytree(tiny_model, bundled / "tiny-ct")
     plan = plan_release(run_dir, "0.0.2", mr, staging=work / "staging", bundled_dir=bundled,
-                        robustness_cases=1, perturbations=["flip_i"], device="cpu")
+                        robustness_cases=1, perturbations=["flip_i", "slab_60mm"], device="cpu")
     logs: list[str] = []
     summary = run_release(plan, log=logs.append)
     return plan, summary, logs, bundled
@@ -72,8 +73,16 @@ def test_release_measures_into_the_staged_card(release_setup):
     for kind in ("in_domain", "cross_domain"):
         rob = json.loads((plan.staging / "robustness" / kind / "robustness.json").read_text(encoding="utf-8"))
         assert rob["meta"]["weights_sha256"] == card["weights"]["sha256"]
-        assert {r["perturbation"] for r in rob["rows"]} == {"none", "flip_i"}
+        assert {r["perturbation"] for r in rob["rows"]} == {"none", "flip_i", "slab_60mm"}
         assert kind in summary["robustness"]
+        # the card's field of view is the slab's measurement, per dataset (the thin-view warning's data)
+        s = summarize(load_results([plan.staging / "robustness" / kind])[0])["slab_60mm"]
+        domain = next(d for d in card["field_of_view"]["domains"] if d["dataset"] == rob["meta"]["dataset"])
+        assert domain["modality"] == rob["meta"]["target_modality"] and domain["cases"] == 1
+        assert domain["slabs"] == [{"thickness_mm": 60.0, "delta_dice": round(s["dice"] - s["dice_unperturbed"], 3),
+                                    "empty": s["empty"], "in_view": s["in_view"]}]
+    assert len(card["field_of_view"]["domains"]) == 2
+    assert load_package(plan.package).card.field_of_view.max_dice_loss == 0.05
     assert "the bar" in report
     # nothing was installed: the bundled package is still the previous version
     assert load_package(bundled / "tiny-ct").card.version == "0.0.1"

@@ -19,7 +19,8 @@ Until now a release was a hand-kept shell script in the git-ignored ``runs/`` (a
 5. **previous**: the currently bundled version of the same id through the same two evaluations, so
    the release report compares like with like;
 6. **card metrics** from the evaluations (keys reused from the previous card where the protocol is the
-   same, so the history of a key stays one protocol);
+   same, so the history of a key stays one protocol), and the card's **field of view** from the
+   robustness slabs (:func:`train.robustness.field_of_view_limits`: the thin-view warning's data);
 7. ``release.md`` / ``release.json`` in the staging folder: the new numbers next to the previous
    version's, and what keeps the model from the robustness bar.
 
@@ -205,7 +206,9 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
     from .choose_postprocessing import choose, measure, write_card
     from .evaluate import evaluate_model
     from .export import export_run
-    from .robustness import run_robustness
+    from SRCSMSegmenterLib.modelpackage import load_package
+
+    from .robustness import field_of_view_limits, load_results, run_robustness
 
     plan.staging.mkdir(parents=True, exist_ok=True)
     _load_records(plan)
@@ -266,7 +269,15 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
             f"python -m train release on {_dt.date.today().isoformat()} on this package (float16 weights), "
             f"the card's inference strategy and clean-up; in-domain without source matching, cross-domain with "
             f"and without. Strategy and clean-up were chosen on the {plan.choose_split} cases of {plan.own.name}.")
-    set_card_fields(plan.package, {"metrics": card_metrics(keys, note)})
+    robustness_runs = [plan.staging / "robustness" / p.kind for p in (plan.in_domain, plan.cross_domain)]
+    limits = field_of_view_limits(load_results(robustness_runs), load_package(plan.package).card.weights.sha256)
+    fields: dict[str, Any] = {"metrics": card_metrics(keys, note)}
+    if limits is not None:
+        fields["field_of_view"] = limits.model_dump(mode="json")
+    else:
+        log("[release] no slab perturbation ran: the card's field_of_view (the thin-view warning's data) is not "
+            "measured by this release and stays as it was")
+    set_card_fields(plan.package, fields)
     summary = release_summary(plan, keys)
     write_release_report(plan, summary)
     log(f"[release] staged {plan.model_id} {plan.version} in {plan.package}; report {plan.staging / 'release.md'}")

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -40,6 +41,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from SRCSMSegmenterLib.catalog import Catalog
+from SRCSMSegmenterLib.field_of_view import MAX_DICE_LOSS, DomainSlabs, FieldOfViewLimits, SlabMeasurement
 from SRCSMSegmenterLib.image import Volume, atomic_output, read_volume
 from SRCSMSegmenterLib.inference import Segmenter
 from SRCSMSegmenterLib.postprocess import resolve as resolve_postprocessing
@@ -226,7 +228,7 @@ def summarize(result: dict) -> dict[str, dict]:
 #: :data:`MAX_LOSS` Dice against the same view unperturbed. A 40 mm slab and half the in-plane view
 #: remove most of the context the network reads, so there only the "never empty" rule holds.
 EXEMPT_FROM_LOSS = ("slab_40mm", "crop_half")
-MAX_LOSS = 0.05
+MAX_LOSS = MAX_DICE_LOSS
 
 
 def held_deltas(summary: dict[str, dict]) -> dict[str, float]:
@@ -252,6 +254,81 @@ def bar_failures(summary: dict[str, dict]) -> list[str]:
         if why:
             failures.append(f"`{p}` " + ", ".join(why))
     return failures
+
+
+# ------------------------------------------------------------------------ the card's slabs
+
+_SLAB = re.compile(r"^slab_(\d+(?:\.\d+)?)mm$")
+
+
+def slab_thickness_mm(perturbation: str) -> float | None:
+    """The thickness of a slab perturbation (``slab_60mm`` → 60.0); None for any other perturbation."""
+    m = _SLAB.match(perturbation)
+    return float(m.group(1)) if m else None
+
+
+def domain_slabs(result: dict) -> DomainSlabs | None:
+    """The slab measurements of one run (None: it ran no slab)."""
+    slabs = []
+    for p, v in summarize(result).items():
+        thickness = slab_thickness_mm(p)
+        if thickness is None or v["in_view"] == 0:  # no slab, or nothing of it measured
+            continue
+        delta = v["dice"] - v["dice_unperturbed"]
+        slabs.append(SlabMeasurement(thickness_mm=thickness, delta_dice=None if math.isnan(delta) else round(delta, 3),
+                                     empty=v["empty"], in_view=v["in_view"]))
+    if not slabs:
+        return None
+    meta = result["meta"]
+    return DomainSlabs(dataset=meta["dataset"], modality=meta["target_modality"], cases=len(meta["cases"]),
+                       slabs=tuple(sorted(slabs, key=lambda s: s.thickness_mm)))
+
+
+def field_of_view_limits(results: Sequence[dict], weights_sha256: str | None = None) -> FieldOfViewLimits | None:
+    """A card's ``field_of_view`` from robustness runs of one model (one per dataset); None when none of
+    them ran a slab perturbation.
+
+    ``weights_sha256``: the package the card belongs to; runs of other weights are refused, so a card
+    never carries another model's measurements."""
+    if not results:
+        raise ValueError("no robustness results to take the field of view from")
+    domains, said = [], []
+    for result in results:
+        meta = result["meta"]
+        if weights_sha256 is not None and meta.get("weights_sha256") != weights_sha256:
+            raise ValueError(
+                f"the robustness run of {meta['model']} {meta.get('model_version')} on {meta['dataset']} measured other "
+                f"weights (sha256 {str(meta.get('weights_sha256'))[:12]}…) than this package's ({weights_sha256[:12]}…); "
+                f"rerun `python -m train robustness PACKAGE {meta['dataset']} --out DIR` on this package")
+        d = domain_slabs(result)
+        if d is None:
+            continue
+        if any(x.dataset == d.dataset for x in domains):
+            raise ValueError(f"two robustness runs on {d.dataset}: give one per dataset")
+        domains.append(d)
+        said.append(f"{meta['dataset']} {meta['split']} ({', '.join(meta['cases'])})")
+    if not domains:
+        return None
+    first = results[0]["meta"]
+    measured_by = (f"python -m train robustness on {'; '.join(said)}, {first['date']}, clean-up "
+                   f"`{first['postprocessing']}`, source matching {'on' if first['source_matching'] else 'off'}: "
+                   f"mean Dice on each slab against the same view of the whole scan")
+    return FieldOfViewLimits(max_dice_loss=MAX_LOSS, domains=tuple(domains), measured_by=measured_by)
+
+
+def write_field_of_view(package_dir: str | os.PathLike[str], folders: Sequence[str | os.PathLike[str]]) -> Path:
+    """Write the ``field_of_view`` of the robustness runs in ``folders`` into a package folder's card
+    (only that field changes; :func:`train.card_edit.set_card_fields`)."""
+    from SRCSMSegmenterLib.modelpackage import load_package
+
+    from .card_edit import set_card_fields
+
+    package = load_package(package_dir)
+    limits = field_of_view_limits(load_results(folders), package.card.weights.sha256)
+    if limits is None:
+        raise ValueError(f"none of the robustness runs in {', '.join(map(str, folders))} measured a slab "
+                         f"(slab_40mm …); rerun them with the slab perturbations")
+    return set_card_fields(package_dir, {"field_of_view": limits.model_dump(mode="json")})
 
 
 def _result_key(result: dict) -> tuple:
@@ -360,6 +437,11 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
         "",
         f"**The bar** (issue 15): no perturbation costs more than {MAX_LOSS:.2f} Dice against the same view, except",
         " and ".join(f"`{p}`" for p in EXEMPT_FROM_LOSS) + ", and no setting leaves a label empty where it is in view.",
+        "",
+        "The slab rows go into each model's card (`field_of_view`, written by `python -m train release` or "
+        "`python -m train robustness --write-card PACKAGE --field-of-view DIR …`): `srcsm segment`, the Slicer "
+        "module and the web page warn when an image or region of interest is thinner than the slab from which "
+        "on the model held the bar (every slab from it on: at most the loss above, nothing empty).",
         "",
     ]
     prev_of = match_previous(results, previous)

@@ -18,7 +18,8 @@ def add_parsers(sub) -> None:
         "robustness", help="a model on real cases, unperturbed and under the perturbations real scans bring "
                            "(partial field of view, resampling, flips, oblique grids, raw HU, scaled intensities)",
         description="Run: robustness MODEL DATASET --out DIR. Report: robustness --report DIR [DIR ...] "
-                    "--markdown docs/robustness.md --figures docs/figures.")
+                    "--markdown docs/robustness.md --figures docs/figures. Card: robustness --write-card PACKAGE "
+                    "--field-of-view DIR [DIR ...].")
     r.add_argument("model", nargs="?", help="model package path or catalogue id")
     r.add_argument("dataset", nargs="?", help="nnU-Net raw dataset folder with labels")
     r.add_argument("--split", default="test", help="split of splits.json (default test; 'all' for every case)")
@@ -37,6 +38,11 @@ def add_parsers(sub) -> None:
                    help="with --report: result folders of earlier model versions, set beside the runs on the same cases")
     r.add_argument("--markdown", default="docs/robustness.md", help="report file (with --report)")
     r.add_argument("--figures", default="docs/figures", help="figure folder (with --report)")
+    r.add_argument("--write-card", metavar="PACKAGE",
+                   help="write the slabs of the result folders given by --field-of-view into PACKAGE/model.json "
+                        "(its field_of_view: how thin a view the model segments reliably; the thin-view warning's data)")
+    r.add_argument("--field-of-view", nargs="+", metavar="DIR",
+                   help="with --write-card: the package's robustness result folders, one per dataset")
 
     c = sub.add_parser("choose-postprocessing",
                        help="measure the inference strategies (whole grid, sliding window) and clean-ups on a "
@@ -72,8 +78,13 @@ def run(args: argparse.Namespace) -> int:
         if args.write_card:
             print(f"wrote {write_card(args.model, chosen.postprocessing, chosen.strategy, chosen.strategy_chosen_by)}")
         return 0
-    from .robustness import run_robustness, write_report
+    from .robustness import run_robustness, write_field_of_view, write_report
 
+    if args.write_card or args.field_of_view:
+        if not (args.write_card and args.field_of_view):
+            raise SystemExit("robustness: --write-card PACKAGE needs --field-of-view DIR [DIR ...] (and the other way round)")
+        print(f"wrote {write_field_of_view(args.write_card, args.field_of_view)}")
+        return 0
     if args.report:
         write_report(args.report, args.markdown, args.figures, previous=args.previous)
         return 0

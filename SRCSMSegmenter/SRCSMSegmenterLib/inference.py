@@ -24,6 +24,7 @@ import torch
 
 from .device import autocast, is_out_of_memory, memory_format, resolve_device, resolve_precision
 from .errors import CancelledError, InputError, SRCSMError
+from .field_of_view import thin_view_warning, thinnest_extent_mm
 from .image import Volume, validate_array
 from .matching import Modality, fit_raw_mapping, guess_modality, source_match
 from .modelpackage import ModelPackage
@@ -95,6 +96,8 @@ class Segmenter:
         #: how the network ran in the last :meth:`segment` (the size limit or GPU memory can turn
         #: ``whole_grid`` into ``sliding_window``)
         self.last_strategy = self.strategy
+        #: the modality the last :meth:`prepare` took the image for (given, or guessed from its values)
+        self.last_modality: Modality | None = None
         self._network: torch.nn.Module | None = None
         self._network_device: torch.device | None = None
 
@@ -130,6 +133,7 @@ class Segmenter:
         t0 = time.perf_counter()
         validate_array(volume.array, "the input volume")
         modality = guess_modality(volume.array) if target_modality == "auto" else target_modality
+        self.last_modality = modality
         fill: float | None = None
         convert = None
         if source_matching:
@@ -252,6 +256,11 @@ class Segmenter:
         needed = None if self.runs_whole_grid(grid.shape_kji) else needed_mask(grid, volume.geometry, volume.shape)
         timings["needed_mask_s"] = time.perf_counter() - t_mask
         timings["preprocess_s"] = time.perf_counter() - t0
+        extent_mm, axis = thinnest_extent_mm(volume.geometry, volume.shape, roi_bounds)
+        thin = thin_view_warning(self.card.field_of_view, self.last_modality, extent_mm, axis, self.card.id)
+        if thin:
+            log.warning(thin)
+            messages.append(thin)
 
         device, precision = self.device, self.precision
         t1 = time.perf_counter()

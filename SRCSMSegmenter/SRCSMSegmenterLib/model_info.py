@@ -168,6 +168,9 @@ def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None)
     if stats is not None:
         out.append(f"  training label volumes ({stats.cases} cases): " + "; ".join(
             f"{name} {s.volume_ml[0]:.0f}–{s.volume_ml[1]:.0f} ml" for name, s in stats.labels.items()))
+    fov = getattr(card, "field_of_view", None)
+    if fov is not None:
+        out += textwrap.wrap(f"field of view: {fov.summary()}", 100, initial_indent="  ", subsequent_indent="    ")
     out += ["", "  measured accuracy:"] + (_text_tree(card.metrics, "    ") or ["    none recorded"])
     out += ["", "  expected time and memory:"] + (_text_tree(card.performance, "    ") or ["    none recorded"])
     return "\n".join(out)
@@ -232,6 +235,8 @@ def model_card_html(card: ModelCard | None, origin: str = "", download: Download
         (f"<tr><td><b>Training</b></td><td>{_e(card.provenance.augmentation)}, "
          f"{card.provenance.iterations} iterations, {_e(card.provenance.date)}</td></tr>"),
         f"<tr><td><b>Licence</b></td><td>{_e(card.license)}</td></tr>",
+        (f"<tr><td><b>Field of view</b></td><td>{_e(card.field_of_view.summary())}</td></tr>"
+         if getattr(card, "field_of_view", None) is not None else ""),
         (f"<tr><td><b>Model id</b></td><td><code>{_e(card.id)}</code>"
          + (f" ({_e(origin_text)})" if origin_text else "") + "</td></tr>"),
         "</table>",

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ModelPackageError
+from .field_of_view import FieldOfViewLimits
 from .labels import LabelTable
 from .matching import SourceProfile
 from .normalization import Normalization
@@ -130,6 +131,9 @@ class ModelCard(_Strict):
     performance: dict[str, Any] = Field(default_factory=dict, description="measured time/memory, free form")
     training_label_stats: TrainingLabelStats | None = Field(
         None, description="per-label volume ranges of the training labels (the plausibility check's data)")
+    field_of_view: FieldOfViewLimits | None = Field(
+        None, description="the robustness benchmark's slabs per dataset: how thin a field of view the model "
+                          "still segments reliably (the thin-view warning's data; absent: no warning)")
     weights: WeightsSpec
 
     @field_validator("schema_version")

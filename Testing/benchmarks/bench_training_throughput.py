@@ -4,6 +4,7 @@ Run on demand (not part of the test suite), from the repository root::
 
     python Testing/benchmarks/bench_training_throughput.py                  # every train/recipes/*_cpu.yaml
     python Testing/benchmarks/bench_training_throughput.py --iterations 8 --warmup 2 --recipes train/recipes/x.yaml
+    python Testing/benchmarks/bench_training_throughput.py --compile --precisions bf16 --recipes train/recipes/x.yaml
 
 Each recipe × precision runs in a fresh subprocess through the real trainer code path
 (``train.trainer.Trainer.fit`` with ``until_iteration``): the recipe's own data cache, patch sampling,
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def child(recipe: str, precision: str, iterations: int, warmup: int, cache: str) -> dict:
+def child(recipe: str, precision: str, iterations: int, warmup: int, cache: str, compile_network: bool = False) -> dict:
     import torch
 
     from train.config import load_config
@@ -40,6 +41,11 @@ def child(recipe: str, precision: str, iterations: int, warmup: int, cache: str)
         """The real trainer; each step's wall time is recorded."""
 
         step_times: list[float] = []
+
+        def build(self):
+            super().build()
+            if compile_network:  # torch.compile (Inductor) in place: the state dict's keys stay the network's
+                self.model.compile()
 
         def step(self):
             t0 = time.perf_counter()
@@ -58,7 +64,8 @@ def child(recipe: str, precision: str, iterations: int, warmup: int, cache: str)
     return {"recipe": Path(recipe).name, "precision": trainer.precision, "threads": torch.get_num_threads(),
             "batch_size": cfg.batch_size, "patch_size": list(cfg.patch_size), "augmentation": cfg.augmentation,
             "norm": cfg.network.get("parameters", {}).get("norm", "none"),
-            "median_s": statistics.median(times), "min_s": min(times), "times": times}
+            "median_s": statistics.median(times), "min_s": min(times), "times": times, "compiled": compile_network,
+            "first_step_s": trainer.step_times[0]}
 
 
 def git_state() -> str:
@@ -107,11 +114,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cache", default=str(ROOT / "cache"), help="the trainer's data cache (reused)")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "training_throughput.png")
-    parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (the first warm-up step compiles; no figure is written)")
+    parser.add_argument("--child", nargs=6, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        recipe, precision, iterations, warmup, cache = args.child
-        print("RESULT " + json.dumps(child(recipe, precision, int(iterations), int(warmup), cache)))
+        recipe, precision, iterations, warmup, cache, compiled = args.child
+        print("RESULT " + json.dumps(child(recipe, precision, int(iterations), int(warmup), cache, compiled == "1")))
         return
 
     import bench_matching as bm
@@ -122,7 +131,7 @@ def main() -> None:
     for recipe in recipes:
         for precision in args.precisions:
             proc = subprocess.run([sys.executable, __file__, "--child", recipe, precision, str(args.iterations),
-                                   str(args.warmup), args.cache], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace")
+                                   str(args.warmup), args.cache, "1" if args.compile else "0"], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace")
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(f"{recipe} {precision}: failed\n{proc.stderr[-2000:]}", flush=True)
@@ -143,10 +152,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         prec = r["precision"] + ("" if r["precision"] == r["requested"] else f" (asked {r['requested']})")
+        if r["compiled"]:
+            prec += f", torch.compile (first step {r['first_step_s']:.0f} s)"
         print(f"| {r['recipe']} | {r['norm']} | {r['augmentation']} | {r['batch_size']} × "
               f"{'×'.join(map(str, r['patch_size']))} | {prec} | {r['median_s']:.2f} s ({r['min_s']:.2f} s) "
               f"| {1 / r['median_s']:.3f} | {1000 * r['median_s'] / 60:.0f} min |")
-    if rows:
+    if rows and not args.compile:
         figure(rows, args.figure, f"Training throughput, CPU ({rows[0]['threads']} threads), "
                f"{time.strftime('%Y-%m-%d')} — {state.split(';')[0][:60]}")
         print(f"\nfigure: {args.figure.relative_to(ROOT)}")
