@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
     add_postprocess_arguments(v, "each prediction, as `srcsm segment` applies it (card: what a user gets; none: "
                                  "the network's own labels)")
+    v.add_argument("--padding-mode", choices=["constant", "replicate"], default="constant",
+                   help="how the network input is padded where the model grid is smaller than the window: constant (the default, what every front end does and the models were trained with) or replicate (an experiment: docs/benchmarks.md \"Padding a thin scan\"; its results never go into a card)")
     v.add_argument("--landmark", action="store_true",
                    help="also evaluate inside the paper's ground-truth-centred ROI (measures the cost of our "
                         "whole-volume sliding window; not a clinical setting)")
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate_model
 
             evaluate_model(args.model, args.dataset, args.out, split=args.split, sm=args.sm, device=args.device,
-                           limit=args.limit, postprocess=args.postprocess, landmark=args.landmark)
+                           limit=args.limit, postprocess=args.postprocess, landmark=args.landmark,
+                           padding_mode=args.padding_mode)
             return 0
         if args.command == "diagnose":
             from .diagnose import format_report, saturation_report

@@ -30,6 +30,10 @@ def setting_metrics(per_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def entry_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    if summary.get("padding_mode", "constant") != "constant":
+        raise ValueError(f"the evaluation of {summary['model']} on {summary['dataset']} padded with "
+                         f"{summary['padding_mode']!r}, which no front end does; a card's metrics must be what a user "
+                         f"gets: evaluate without --padding-mode")
     entry: dict[str, Any] = {"dataset": summary["dataset"], "split": summary["split"], "cases": summary["cases"]}
     if "postprocessing" in summary:  # the clean-up the numbers include (summaries before 2026-12-04: none)
         entry["postprocessing"] = summary["postprocessing"]

@@ -60,13 +60,14 @@ def check_label_values(package, dataset) -> dict[int, str]:
 def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    split: str = "all", sm: str = "both", device: str = "auto", limit: int | None = None,
                    keep_largest: bool = False, landmark: bool = False, log=print,
-                   postprocess: str | PostProcessing = "card") -> dict:
+                   postprocess: str | PostProcessing = "card", padding_mode: str = "constant") -> dict:
     """Segment every case of ``split`` with/without SM (``sm``: both/on/off) and, with ``landmark``,
     also with SM inside the paper's ground-truth-centred ROI; write the reports into ``out_dir``.
 
     ``postprocess``: the clean-up, as ``srcsm segment --postprocess`` takes it — the model card's
     default (``card``: what a user gets), ``none`` (the network's own labels), ``keep-largest`` or
-    ``min-volume:MM3``; ``keep_largest=True`` is ``keep-largest``. The summary records it."""
+    ``min-volume:MM3``; ``keep_largest=True`` is ``keep-largest``. The summary records it, and
+    ``padding_mode`` (:class:`~SRCSMSegmenterLib.inference.Segmenter`'s: ``constant`` is what a user gets)."""
     package = Catalog().resolve(model)
     cleanup = resolve_postprocessing(package.card.postprocessing, "keep-largest" if keep_largest else postprocess)
     dataset = load_dataset(dataset_dir)
@@ -78,7 +79,7 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
     if landmark:
         settings.append(LANDMARK)
     extent = np.asarray(package.card.patch_size, float) * np.asarray(package.card.spacing, float)
-    segmenter = Segmenter(package, device=device)
+    segmenter = Segmenter(package, device=device, padding_mode=padding_mode)  # type: ignore[arg-type]
     rows: list[dict] = []
     seconds: list[float] = []
     for case in cases:
@@ -111,11 +112,12 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
     notes = (f"Model trained on {package.card.source.modality} ({package.card.provenance.augmentation}, "
              f"{package.card.provenance.iterations} iterations); target modality {dataset.modality}; "
              f"{len(cases)} cases; the whole volume (no landmark ROI), {segmenter.strategy.replace('_', ' ')}; "
-             f"clean-up: {cleanup.describe()}; device {segmenter.device}.")
+             f"clean-up: {cleanup.describe()}; device {segmenter.device}"
+             + ("." if padding_mode == "constant" else f"; {padding_mode} padding of a grid smaller than the window."))
     write_reports(rows, out, settings=settings, title=title, case_loader=case_loader, colors=colors, notes=notes)
     summary = {"model": package.id, "weights_sha256": package.card.weights.sha256, "dataset": dataset.name,
                "split": split, "cases": len(cases), "postprocessing": cleanup.cli_value(),
-               "inference": segmenter.strategy,
+               "inference": segmenter.strategy, "padding_mode": segmenter.padding_mode,
                "mean_seconds_per_case": float(np.mean(seconds)) if seconds else None, "settings": {}}
     for row in summarize(rows, settings):
         entry = summary["settings"].setdefault(row["setting"], {})

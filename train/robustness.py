@@ -97,7 +97,7 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
                    split: str = "test", cases: int | None = 3, case_ids: Sequence[str] | None = None,
                    perturbations: Sequence[str] | None = None, device: str = "cpu", postprocess: str = "card",
                    source_matching: bool = True, target_modality: str = "auto", seed: int = 0,
-                   command: str | None = None, log=print) -> dict:
+                   command: str | None = None, log=print, padding_mode: str = "constant") -> dict:
     """Run the benchmark of one model on one dataset (module docstring) and write ``out_dir``."""
     package = Catalog().resolve(str(model))
     dataset = load_dataset(dataset_dir)
@@ -114,7 +114,7 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
         raise ValueError(f"split '{split}' of {dataset.name} has no cases; choose another --split")
     perts = perturbations_for(dataset.modality, list(perturbations) if perturbations else None)
     post = resolve_postprocessing(package.card.postprocessing, postprocess)
-    segmenter = Segmenter(package, device=device)
+    segmenter = Segmenter(package, device=device, padding_mode=padding_mode)  # type: ignore[arg-type]
     rows: list[dict] = []
     t_start = time.perf_counter()
 
@@ -150,7 +150,7 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
         "cases": [c.id for c in chosen], "perturbations": [p.name for p in perts],
         "descriptions": {p.name: p.description for p in perts}, "labels": {str(k): v for k, v in names.items()},
         "device": str(segmenter.device), "precision": segmenter.precision, "postprocessing": post.cli_value(),
-        "source_matching": source_matching, "seed": seed, "date": _dt.date.today().isoformat(),
+        "source_matching": source_matching, "padding_mode": padding_mode, "seed": seed, "date": _dt.date.today().isoformat(),
         "machine": _machine(), "seconds": round(time.perf_counter() - t_start, 1),
         "command": command or "python -m train robustness " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     }
@@ -295,6 +295,10 @@ def field_of_view_limits(results: Sequence[dict], weights_sha256: str | None = N
     domains, said = [], []
     for result in results:
         meta = result["meta"]
+        if meta.get("padding_mode", "constant") != "constant":
+            raise ValueError(f"the robustness run of {meta['model']} on {meta['dataset']} padded with "
+                             f"{meta['padding_mode']!r}, which no front end does; a card's field of view must be "
+                             f"what a user gets: rerun it without --padding-mode")
         if weights_sha256 is not None and meta.get("weights_sha256") != weights_sha256:
             raise ValueError(
                 f"the robustness run of {meta['model']} {meta.get('model_version')} on {meta['dataset']} measured other "
@@ -473,7 +477,10 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
             ps = summarize(prev) if prev is not None else {}
             lines += [f"### {_domain(result)}: {len(meta['cases'])} cases ({', '.join(meta['cases'])})", "",
                       f"Run `{meta['command']}` on {meta['date']}, {meta['machine']}, device {meta['device']} "
-                      f"({meta['precision']}), clean-up `{meta['postprocessing']}`, {meta['seconds']:.0f} s.", ""]
+                      f"({meta['precision']}), clean-up `{meta['postprocessing']}`"
+                      + ("" if meta.get("padding_mode", "constant") == "constant"
+                         else f", **{meta['padding_mode']} padding** (not what a user gets)")
+                      + f", {meta['seconds']:.0f} s.", ""]
             if prev is not None:
                 pm = prev["meta"]
                 lines += [f"**{pm['model_version']}** is the earlier version's run on the same cases ({pm['date']}, "

@@ -31,6 +31,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--no-source-matching", action="store_true")
     r.add_argument("--target-modality", choices=["auto", "CT", "MR"], default="auto")
     r.add_argument("--device", default="cpu", help="cpu (default), auto, cuda")
+    r.add_argument("--padding-mode", choices=["constant", "replicate"], default="constant",
+                   help="how the network input is padded where the model grid is smaller than the window: constant (the default, what every front end does and the models were trained with) or replicate (an experiment: docs/benchmarks.md \"Padding a thin scan\"; its results never go into a card)")
     r.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (raw HU noise)")
     r.add_argument("--out", help="output folder of the run")
     r.add_argument("--report", nargs="+", metavar="DIR", help="write the report from these result folders")
@@ -95,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
     run_robustness(args.model, args.dataset, args.out, split=args.split, cases=args.cases, case_ids=args.case or None,
                    perturbations=perts, device=args.device, postprocess=args.postprocess,
                    source_matching=not args.no_source_matching, target_modality=args.target_modality,
-                   seed=args.seed, command=command)
+                   seed=args.seed, command=command, padding_mode=args.padding_mode)
     return 0

@@ -33,7 +33,7 @@ from .normalization import Normalization, default_normalization, normalize
 from .postprocess import PostProcessing, keep_largest_components  # noqa: F401 (re-exported)
 from .postprocess import apply as apply_postprocessing
 from .preprocessing import Grid, argmax_in_target_grid, model_grid, needed_mask, to_model_grid
-from .sliding_window import sliding_window_probabilities
+from .sliding_window import PADDING_MODES, sliding_window_probabilities
 from .whole_grid import padded_voxels, whole_grid_probabilities
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class Segmenter:
     def __init__(self, package: ModelPackage, device: str = "auto", precision: str = "auto",
                  progress: ProgressCallback | None = None, cancel: CancelCallback | None = None,
                  sw_batch_size: int = 1, fallback_to_cpu: bool = True,
-                 strategy: Literal["card", "sliding_window", "whole_grid"] = "card") -> None:
+                 strategy: Literal["card", "sliding_window", "whole_grid"] = "card",
+                 padding_mode: Literal["constant", "replicate"] = "constant") -> None:
         self.package = package
         self.card = package.card
         self.device = resolve_device(device)
@@ -93,6 +94,11 @@ class Segmenter:
         if strategy not in ("card", "sliding_window", "whole_grid"):
             raise ValueError(f"unknown inference strategy {strategy!r}: use card, sliding_window or whole_grid")
         self.strategy = self.card.inference.strategy if strategy == "card" else strategy
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"unknown padding mode {padding_mode!r}: use {' or '.join(PADDING_MODES)}")
+        #: how a model grid smaller than the window is padded: ``constant`` (the grid's minimum, as the
+        #: models were trained) or ``replicate`` (an experiment: docs/benchmarks.md "Padding a thin scan")
+        self.padding_mode = padding_mode
         #: how the network ran in the last :meth:`segment` (the size limit or GPU memory can turn
         #: ``whole_grid`` into ``sliding_window``)
         self.last_strategy = self.strategy
@@ -189,7 +195,7 @@ class Segmenter:
         with torch.inference_mode():
             probs = whole_grid_probabilities(
                 torch.from_numpy(x), self._predictor(device, precision), cval=float(x.min()), device=device,
-                divisor=spec_divisor(self.card.network.architecture, dict(self.card.network.parameters)))
+                padding_mode=self.padding_mode, divisor=spec_divisor(self.card.network.architecture, dict(self.card.network.parameters)))
         self.progress(0.82, "Segmented (one pass over the whole grid)")
         return probs
 
@@ -206,6 +212,7 @@ class Segmenter:
                 torch.from_numpy(x), roi, self._predictor(device, precision), overlap=self.card.inference.overlap,
                 mode=self.card.inference.blend_mode, cval=float(x.min()), needed=needed,
                 sw_batch_size=self.sw_batch_size, sw_device=device, on_window=on_window,
+                padding_mode=self.padding_mode,
             )
 
     def _predict(self, x: np.ndarray, device: torch.device, precision: str,

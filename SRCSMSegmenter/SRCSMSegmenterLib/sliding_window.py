@@ -30,6 +30,19 @@ def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
     return tuple(int(r) if r == s else max(1, int(r * (1 - overlap))) for s, r in zip(image_size, roi_size))
 
 
+#: How an input smaller than the network's window is padded (``Segmenter(padding_mode=…)``).
+PADDING_MODES = ("constant", "replicate")
+
+
+def pad_image(x: torch.Tensor, pad: Sequence[int], padding_mode: str, cval: float) -> torch.Tensor:
+    """``x`` (N, C, K, J, I) padded by ``pad`` (``F.pad`` order) with ``cval`` or by its edge voxels."""
+    if padding_mode == "constant":
+        return F.pad(x, pad=list(pad), mode="constant", value=cval)
+    if padding_mode == "replicate":
+        return F.pad(x, pad=list(pad), mode="replicate")
+    raise ValueError(f"unknown padding mode {padding_mode!r}; choose one of {', '.join(PADDING_MODES)}")
+
+
 def _padding(image_size: Sequence[int], roi_size: Sequence[int]) -> list[int]:
     """MONAI's symmetric padding (in ``F.pad`` order: last axis first) of an image smaller than the window."""
     pad: list[int] = []
@@ -89,11 +102,14 @@ def sliding_window_probabilities(image: torch.Tensor, roi_size: Sequence[int], p
                                  overlap: float, mode: str = "gaussian", cval: float = 0.0,
                                  needed: np.ndarray | None = None, sw_batch_size: int = 1,
                                  sw_device: torch.device | None = None,
-                                 on_window: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                                 on_window: Callable[[int, int], None] | None = None,
+                                 padding_mode: str = "constant") -> torch.Tensor:
     """Blended class probabilities (C, K, J, I) on the CPU for a (K, J, I) float32 image.
 
     ``needed`` (bool, same shape; None = all) marks the voxels whose probabilities are used;
     ``on_window(done, total)`` is called after each batch of windows (progress, cancellation).
+    ``padding_mode`` pads an image smaller than the window as MONAI's ``padding_mode`` does: ``constant``
+    (with ``cval``, what the models were trained with) or ``replicate`` (the edge voxels continued).
     """
     sw_device = sw_device or torch.device("cpu")
     roi = tuple(int(r) for r in roi_size)
@@ -106,7 +122,7 @@ def sliding_window_probabilities(image: torch.Tensor, roi_size: Sequence[int], p
     pad = _padding(image_size_, roi)
     x = image[None, None]
     if any(pad):
-        x = F.pad(x, pad=pad, mode="constant", value=cval)
+        x = pad_image(x, pad, padding_mode, cval)
     size = tuple(x.shape[2:])
     if mode == "gaussian":
         weight = gaussian_importance_map(roi)[None, None].to(sw_device)

@@ -15,7 +15,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .sliding_window import pad_image
 
 #: the predictor: (1, 1, *grid) → class probabilities (1, C, *grid)
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -39,18 +40,19 @@ def padded_voxels(shape: Sequence[int], divisor: int) -> int:
 
 
 def whole_grid_probabilities(image: torch.Tensor, predictor: Predictor, *, divisor: int, cval: float,
-                             device: torch.device | None = None) -> torch.Tensor:
+                             device: torch.device | None = None, padding_mode: str = "constant") -> torch.Tensor:
     """Class probabilities (C, K, J, I, float32, CPU) of a (K, J, I) image in one forward pass.
 
     The image is padded with ``cval`` (the value the sliding window pads with: the image's minimum,
-    i.e. air or background) up to multiples of ``divisor`` and the padding is cut off again.
+    i.e. air or background) — or, with ``padding_mode="replicate"``, by its edge voxels — up to multiples
+    of ``divisor``, and the padding is cut off again.
     """
     if image.dim() != 3:
         raise ValueError(f"expected a (K, J, I) image, got shape {tuple(image.shape)}")
     pad = padding_to_divisor(image.shape, divisor)
     x = image[None, None]
     if any(pad):
-        x = F.pad(x, pad=pad, mode="constant", value=cval)
+        x = pad_image(x, pad, padding_mode, cval)
     probs = predictor(x.to(device or torch.device("cpu")))
     if probs.dim() != 5 or probs.shape[0] != 1 or tuple(probs.shape[2:]) != tuple(x.shape[2:]):
         raise RuntimeError(f"the network returned shape {tuple(probs.shape)} for an input {tuple(x.shape)}")

@@ -1,0 +1,109 @@
+"""``padding_mode``: how a model grid smaller than the network's window is padded — ``constant`` (what
+every front end does and the models were trained with) or ``replicate`` (an experiment for thin scans,
+docs/benchmarks.md "Padding a thin scan"). Replicate is MONAI's, on a real thin slab; measurements
+made with it are refused by the tools that write cards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_fixtures import SHARED_DATA, make_subset_dataset
+from SRCSMSegmenterLib.image import read_volume
+from SRCSMSegmenterLib.inference import Segmenter
+from SRCSMSegmenterLib.modelpackage import load_package
+from SRCSMSegmenterLib.preprocessing import needed_mask
+from SRCSMSegmenterLib.sliding_window import pad_image, sliding_window_probabilities
+from SRCSMSegmenterLib.whole_grid import padding_to_divisor, whole_grid_probabilities
+from train import perturbations as P
+from train.metrics import read_label_map
+
+MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+@pytest.fixture(scope="module")
+def thin_slab(real_case):
+    """CHAOS T2 ``chaos_01`` cut to a 40 mm slab around the kidneys (as a partial-coverage MR is)."""
+    image, label, _ = real_case("Dataset502", "chaos_01")
+    slab, _ = P.PERTURBATIONS["slab_40mm"].apply(read_volume(image), read_label_map(label), 0)
+    return slab
+
+
+def test_replicate_padding_is_monais_on_a_thin_slab(thin_slab):
+    from monai.inferers import sliding_window_inference
+
+    seg = Segmenter(load_package(MODELS / "abdomen-mr-srcsm"), device="cpu", precision="fp32")
+    x, grid, _ = seg.prepare(thin_slab, target_modality="MR")
+    roi = tuple(int(p) for p in reversed(seg.card.patch_size))
+    assert x.shape[0] < roi[0], "the slab must be thinner than the window for padding to matter"
+    needed = needed_mask(grid, thin_slab.geometry, thin_slab.shape)
+    net = seg.network(torch.device("cpu"), "fp32")
+
+    def predictor(patch):
+        return torch.softmax(net(patch), dim=1)
+
+    with torch.inference_mode():
+        ours = sliding_window_probabilities(torch.from_numpy(x), roi, predictor, overlap=0.5, cval=float(x.min()),
+                                            needed=needed, padding_mode="replicate")
+        monai = sliding_window_inference(torch.from_numpy(x)[None, None], roi, 1, predictor, overlap=0.5,
+                                         mode="gaussian", padding_mode="replicate")[0]
+        constant = sliding_window_probabilities(torch.from_numpy(x), roi, predictor, overlap=0.5,
+                                                cval=float(x.min()), needed=needed)
+    mask = torch.from_numpy(needed)
+    assert torch.allclose(ours[:, mask], monai[:, mask], rtol=0, atol=1e-6)
+    # the padding reaches the slab's voxels: what the network makes of them depends on it
+    assert float((ours[:, mask] - constant[:, mask]).abs().max()) > 0.05
+
+
+def test_whole_grid_pads_with_the_edge_voxels_when_asked():
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn((5, 21, 18), generator=g)
+    seen: list[torch.Tensor] = []
+
+    def pointwise(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        s = torch.sigmoid(x)
+        return torch.cat([1 - s, s], dim=1)
+
+    probs = whole_grid_probabilities(image, pointwise, divisor=16, cval=-7.0, padding_mode="replicate")
+    assert torch.allclose(probs[1], torch.sigmoid(image), rtol=0, atol=1e-6)  # the crop is exact
+    expected = F.pad(image[None, None], pad=padding_to_divisor(image.shape, 16), mode="replicate")
+    assert torch.equal(seen[0], expected) and not bool((seen[0] == -7.0).any())
+
+
+def test_an_unknown_padding_mode_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="padding mode 'reflect'"):
+        Segmenter(load_package(tiny_model), device="cpu", padding_mode="reflect")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="constant, replicate"):
+        pad_image(torch.zeros(1, 1, 2, 2, 2), [1, 1, 1, 1, 1, 1], "reflect", 0.0)
+
+
+def test_measurements_with_replicate_padding_never_reach_a_card(tiny_model, tmp_path):
+    """An evaluation or a robustness run padded with ``replicate`` says so, and neither card-metrics nor
+    the card's field of view takes it: a card describes what a user gets."""
+    from train.card_metrics import card_metrics
+    from train.evaluate import evaluate_model
+    from train.robustness import field_of_view_limits, load_results, run_robustness
+
+    mr = make_subset_dataset(tmp_path / "Dataset502_AbdomenMRT2", SHARED_DATA / "Dataset502_AbdomenMRT2", [],
+                             ["chaos_01"])
+    summary = evaluate_model(tiny_model, mr, tmp_path / "eval", split="val", sm="on", device="cpu",
+                             padding_mode="replicate", log=lambda m: None)
+    assert summary["padding_mode"] == "replicate"
+    with pytest.raises(ValueError, match="padded with 'replicate'.*without --padding-mode"):
+        card_metrics({"mr": tmp_path / "eval"})
+    run_robustness(tiny_model, mr, tmp_path / "rob", split="val", cases=1, perturbations=["slab_60mm"],
+                   device="cpu", padding_mode="replicate", log=lambda m: None)
+    (result,) = load_results([tmp_path / "rob"])
+    assert result["meta"]["padding_mode"] == "replicate"
+    with pytest.raises(ValueError, match="padded with 'replicate'.*without --padding-mode"):
+        field_of_view_limits([result])
+    constant = json.loads(json.dumps(result, default=float))
+    constant["meta"]["padding_mode"] = "constant"
+    assert field_of_view_limits([constant]) is not None
+    assert np.isfinite(result["rows"][0]["dice"])
