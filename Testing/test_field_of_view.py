@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from SRCSMSegmenterLib.field_of_view import (DomainSlabs, FieldOfViewLimits, SlabMeasurement, thin_view_warning,
-                                            thinnest_extent_mm)
+from SRCSMSegmenterLib.field_of_view import (DomainSlabs, FieldOfViewLimits, SlabMeasurement, models_holding_at,
+                                            thin_view_warning, thinnest_extent_mm)
 from SRCSMSegmenterLib.image import read_volume, write_volume
 from SRCSMSegmenterLib.inference import Segmenter
 from SRCSMSegmenterLib.model_info import model_card_html, model_card_text
@@ -198,3 +198,44 @@ def test_srcsm_segment_reports_a_thin_view_to_the_user_and_the_module(tmp_path, 
     done = [e for e in events if e["event"] == "done"][0]
     assert any(w.startswith("The image covers only") for w in done["warnings"])
     assert (tmp_path / "out.seg.nrrd").is_file()
+
+
+def test_another_model_that_held_at_this_thickness_is_named():
+    from types import SimpleNamespace
+
+    def card(model_id: str, anatomy: str, *slabs: SlabMeasurement) -> SimpleNamespace:
+        fov = FieldOfViewLimits(domains=(_domain("MR set", "MR", *slabs),), measured_by="test")
+        return SimpleNamespace(id=model_id, anatomy=anatomy, field_of_view=fov)
+
+    cards = [card("weak", "abdomen", _slab(40, -0.2), _slab(60, -0.1), _slab(90, 0.0)),
+             card("strong", "abdomen", _slab(40, -0.09), _slab(60, -0.02), _slab(90, 0.0)),
+             card("strongest", "abdomen", _slab(40, -0.01), _slab(60, 0.0)),
+             card("heart", "heart", _slab(40, 0.0)),
+             SimpleNamespace(id="old", anatomy="abdomen", field_of_view=None)]
+    assert models_holding_at(62.0, "MR", "abdomen", cards, "weak") == [("strongest", 40.0), ("strong", 60.0)]
+    assert models_holding_at(45.0, "MR", "abdomen", cards, "weak") == [("strongest", 40.0)]
+    assert models_holding_at(62.0, "CT", "abdomen", cards, "weak") == []  # nothing measured on CT
+
+
+def test_srcsm_segment_names_the_model_that_holds_on_the_thinner_view(tmp_path, mr_case):
+    """A CHAOS MR slab between the bundled MR model's thinnest reliable slab and the CT model's: the CT
+    model warns, and names the MR model as the fix; the MR model itself gives no warning."""
+    image, label = mr_case
+    ct, mr = (load_package(MODELS / m).card for m in ("abdomen-ct-srcsm", "abdomen-mr-srcsm"))
+    held = {c.id: c.field_of_view.limiting_domain("MR").held_from_mm(c.field_of_view.max_dice_loss) for c in (ct, mr)}
+    between = [t for t in (40, 60, 90, 150) if held[mr.id] <= t < held[ct.id]]
+    assert between, f"the bundled models' slabs no longer differ on MR: {held}"
+    slab, _ = _slab_perturbation(between[0]).apply(image, label, 0)
+    path = write_volume(slab, tmp_path / "slab.nii.gz")
+    env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
+    env.pop("SRCSM_BUNDLED_MODELS", None)
+    said = {}
+    for model in (ct.id, mr.id):
+        proc = srcsm("segment", path, tmp_path / f"{model}.seg.nrrd", "--model", model, "--device", "cpu",
+                     "--progress", "json", env=env, check_rc=0)
+        events = [json.loads(line) for line in proc.stderr.splitlines()]
+        said[model] = [e for e in events if e["event"] == "done"][0]["warnings"]
+    assert any(w.startswith("The image covers only") for w in said[ct.id]), said[ct.id]
+    fix = [w for w in said[ct.id] if "better-suited model" in w]
+    assert len(fix) == 1 and f"`--model {mr.id}` held it on MR slabs from {held[mr.id]:g} mm" in fix[0], fix
+    assert not any(w.startswith("The image covers only") or "better-suited" in w for w in said[mr.id]), said[mr.id]

@@ -198,6 +198,26 @@ def _plausibility_warnings(labelmap, package, roi: bool) -> list[str]:
                               alternatives=alternatives)
 
 
+def _thin_view_fix(package, volume, roi_bounds, modality: str) -> list[str]:
+    """When the scan is thinner than the chosen model handles reliably, the catalogue models of the same
+    anatomy whose measured slabs held at this thickness (the fix for the core's thin-view warning)."""
+    from .field_of_view import models_holding_at, thin_view_warning, thinnest_extent_mm
+
+    card = package.card
+    extent, axis = thinnest_extent_mm(volume.geometry, volume.shape, roi_bounds)
+    if thin_view_warning(card.field_of_view, modality, extent, axis, card.id) is None:  # type: ignore[arg-type]
+        return []
+    try:
+        cards = [e.card for e in _catalog().entries() if e.card is not None]
+    except SRCSMError:  # a malformed catalogue must not cost the user the result
+        return []
+    better = models_holding_at(extent, modality, card.anatomy, cards, card.id)  # type: ignore[arg-type]
+    if not better:
+        return []
+    names = "; ".join(f"`--model {model_id}` held it on {modality} slabs from {held:g} mm" for model_id, held in better)
+    return [f"For {extent:.0f} mm of {modality} a better-suited model is installed: {names}."]
+
+
 # ---------------------------------------------------------------------------------- commands
 def cmd_segment(args: argparse.Namespace, reporter) -> int:
     from .image import read_volume
@@ -219,7 +239,8 @@ def cmd_segment(args: argparse.Namespace, reporter) -> int:
     result = segmenter.segment(volume, source_matching=not args.no_source_matching,
                                target_modality=modality, postprocessing=postprocessing,
                                roi_bounds=_roi_bounds(args.roi_ras))
-    warnings = list(result.messages) + _plausibility_warnings(result.labelmap, package, roi=args.roi_ras is not None)
+    warnings = (list(result.messages) + _thin_view_fix(package, volume, _roi_bounds(args.roi_ras), modality)
+                + _plausibility_warnings(result.labelmap, package, roi=args.roi_ras is not None))
     for msg in warnings:
         reporter.message(msg, "warning")
     if kind == "seg":

@@ -17,7 +17,7 @@ is in view. Cards without the field (models released before it) give no warning.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -165,5 +165,22 @@ def thin_view_warning(limits: FieldOfViewLimits | None, modality: Modality | Non
             f"segment a scan that covers more of the anatomy.")
 
 
-__all__ = ["DomainSlabs", "FieldOfViewLimits", "MAX_DICE_LOSS", "SlabMeasurement", "thin_view_warning",
-           "thinnest_extent_mm"]
+def models_holding_at(extent_mm: float, modality: Modality, anatomy: str, cards: Iterable[Any],
+                      exclude_id: str) -> list[tuple[str, float]]:
+    """Other models of ``anatomy`` (cards: objects with ``id``, ``anatomy`` and ``field_of_view``) whose
+    measured slabs on ``modality`` held the bar at ``extent_mm``: ``(id, held from mm)``, the thinnest
+    first — the fix a thin-view warning can name."""
+    out = []
+    for card in cards:
+        limits = getattr(card, "field_of_view", None)
+        if card.id == exclude_id or card.anatomy != anatomy or limits is None:
+            continue
+        domain = limits.limiting_domain(modality)
+        held = None if domain is None else domain.held_from_mm(limits.max_dice_loss)
+        if held is not None and extent_mm >= held - 1e-6:
+            out.append((card.id, held))
+    return sorted(out, key=lambda x: (x[1], x[0]))
+
+
+__all__ = ["DomainSlabs", "FieldOfViewLimits", "MAX_DICE_LOSS", "SlabMeasurement", "models_holding_at",
+           "thin_view_warning", "thinnest_extent_mm"]
