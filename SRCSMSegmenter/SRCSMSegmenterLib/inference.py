@@ -195,7 +195,8 @@ class Segmenter:
         with torch.inference_mode():
             probs = whole_grid_probabilities(
                 torch.from_numpy(x), self._predictor(device, precision), cval=float(x.min()), device=device,
-                padding_mode=self.padding_mode, divisor=spec_divisor(self.card.network.architecture, dict(self.card.network.parameters)))
+                padding_mode=self.padding_mode,
+                divisor=spec_divisor(self.card.network.architecture, dict(self.card.network.parameters)))
         self.progress(0.82, "Segmented (one pass over the whole grid)")
         return probs
 
