@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from SRCSMSegmenterLib.field_of_view import (DomainSlabs, FieldOfViewLimits, SlabMeasurement, models_holding_at,
-                                            thin_view_warning, thinnest_extent_mm)
+from SRCSMSegmenterLib.field_of_view import (DomainSlabs, FieldOfViewLimits, SlabMeasurement, format_mm,
+                                            models_holding_at, thin_view_warning, thinnest_extent_mm)
 from SRCSMSegmenterLib.image import read_volume, write_volume
 from SRCSMSegmenterLib.inference import Segmenter
 from SRCSMSegmenterLib.model_info import model_card_html, model_card_text
@@ -115,7 +115,8 @@ def test_the_segmenter_warns_on_a_slab_thinner_than_the_card_held(mr_case):
     result = segmenter.segment(thin_image)
     warnings = [m for m in result.messages if m.startswith("The image covers only")]
     assert len(warnings) == 1, result.messages
-    assert f"{thin_extent:.0f} mm along its k (slice) axis" in warnings[0]
+    assert f"covers only {format_mm(thin_extent)} mm along its k (slice) axis" in warnings[0]
+    assert format_mm(61.6) == "61.6" and format_mm(90.0) == "90" and format_mm(89.96) == "90"
     assert f"from {held:g} mm on it held the bar" in warnings[0] and domain.dataset in warnings[0]
     assert np.count_nonzero(result.labelmap.array) > 0  # a warning, not a refusal: the result is there
     thick_image, _ = _slab_perturbation(held).apply(image, label, 0)

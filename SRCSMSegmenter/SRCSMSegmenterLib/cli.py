@@ -201,7 +201,7 @@ def _plausibility_warnings(labelmap, package, roi: bool) -> list[str]:
 def _thin_view_fix(package, volume, roi_bounds, modality: str) -> list[str]:
     """When the scan is thinner than the chosen model handles reliably, the catalogue models of the same
     anatomy whose measured slabs held at this thickness (the fix for the core's thin-view warning)."""
-    from .field_of_view import models_holding_at, thin_view_warning, thinnest_extent_mm
+    from .field_of_view import format_mm, models_holding_at, thin_view_warning, thinnest_extent_mm
 
     card = package.card
     extent, axis = thinnest_extent_mm(volume.geometry, volume.shape, roi_bounds)
@@ -215,7 +215,7 @@ def _thin_view_fix(package, volume, roi_bounds, modality: str) -> list[str]:
     if not better:
         return []
     names = "; ".join(f"`--model {model_id}` held it on {modality} slabs from {held:g} mm" for model_id, held in better)
-    return [f"For {extent:.0f} mm of {modality} a better-suited model is installed: {names}."]
+    return [f"For {format_mm(extent)} mm of {modality} a better-suited model is installed: {names}."]
 
 
 # ---------------------------------------------------------------------------------- commands

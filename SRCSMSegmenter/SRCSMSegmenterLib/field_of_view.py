@@ -116,6 +116,12 @@ class FieldOfViewLimits(_Strict):
                 + "; thinner images get a warning")
 
 
+def format_mm(mm: float) -> str:
+    """A length for a message, to 0.1 mm and without a trailing ``.0`` (89.6 stays below a 90 mm bar in
+    words too)."""
+    return f"{mm:.1f}".removesuffix(".0")
+
+
 def thinnest_extent_mm(geometry: Geometry, shape_kji: Sequence[int],
                        roi_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, str]:
     """The thinnest physical extent of what the network gets to see, and which axis it is.
@@ -159,7 +165,7 @@ def thin_view_warning(limits: FieldOfViewLimits | None, modality: Modality | Non
     after = (f"from {held:g} mm on it held the bar (at most {limits.max_dice_loss:g} Dice lost, nothing empty)"
              if held is not None else f"it missed the bar (at most {limits.max_dice_loss:g} Dice lost, nothing "
                                       f"empty) on every slab measured, up to {thickest:g} mm")
-    return (f"The image covers only {extent_mm:.0f} mm along its {axis} axis. On slabs this thin the model "
+    return (f"The image covers only {format_mm(extent_mm)} mm along its {axis} axis. On slabs this thin the model "
             f"'{model_id}' lost accuracy in its robustness benchmark ({domain.dataset}, {domain.cases} cases, "
             f"against the same view of the whole scan): {measured}; {after}. Check the result closely, or "
             f"segment a scan that covers more of the anatomy.")
@@ -182,5 +188,5 @@ def models_holding_at(extent_mm: float, modality: Modality, anatomy: str, cards:
     return sorted(out, key=lambda x: (x[1], x[0]))
 
 
-__all__ = ["DomainSlabs", "FieldOfViewLimits", "MAX_DICE_LOSS", "SlabMeasurement", "models_holding_at",
+__all__ = ["DomainSlabs", "FieldOfViewLimits", "MAX_DICE_LOSS", "SlabMeasurement", "format_mm", "models_holding_at",
            "thin_view_warning", "thinnest_extent_mm"]
