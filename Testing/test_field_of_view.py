@@ -119,9 +119,13 @@ def test_the_segmenter_warns_on_a_slab_thinner_than_the_card_held(mr_case):
     assert format_mm(61.6) == "61.6" and format_mm(90.0) == "90" and format_mm(89.96) == "90"
     assert f"from {held:g} mm on it held the bar" in warnings[0] and domain.dataset in warnings[0]
     assert np.count_nonzero(result.labelmap.array) > 0  # a warning, not a refusal: the result is there
+    # the decision travels with the result (front ends name a better model from it, never redo it)
+    assert result.thin_view_mm == pytest.approx(thin_extent) and result.target_modality == "MR"
     thick_image, _ = _slab_perturbation(held).apply(image, label, 0)
     assert thinnest_extent_mm(thick_image.geometry, thick_image.shape)[0] >= held
-    assert not any(m.startswith("The image covers only") for m in segmenter.segment(thick_image).messages)
+    thick = segmenter.segment(thick_image)
+    assert not any(m.startswith("The image covers only") for m in thick.messages)
+    assert thick.thin_view_mm is None and thick.target_modality == "MR"
     assert not any(m.startswith("The image covers only") for m in segmenter.segment(image).messages)
 
 

@@ -198,15 +198,16 @@ def _plausibility_warnings(labelmap, package, roi: bool) -> list[str]:
                               alternatives=alternatives)
 
 
-def _thin_view_fix(package, volume, roi_bounds, modality: str) -> list[str]:
-    """When the scan is thinner than the chosen model handles reliably, the catalogue models of the same
-    anatomy whose measured slabs held at this thickness (the fix for the core's thin-view warning)."""
-    from .field_of_view import format_mm, models_holding_at, thin_view_warning, thinnest_extent_mm
+def _thin_view_fix(package, result) -> list[str]:
+    """When the Segmenter found the view thinner than the chosen model handles reliably
+    (``result.thin_view_mm``), the catalogue models of the same anatomy whose measured slabs held at that
+    thickness on that modality (the fix for the core's thin-view warning)."""
+    from .field_of_view import format_mm, models_holding_at
 
-    card = package.card
-    extent, axis = thinnest_extent_mm(volume.geometry, volume.shape, roi_bounds)
-    if thin_view_warning(card.field_of_view, modality, extent, axis, card.id) is None:  # type: ignore[arg-type]
+    extent, modality = result.thin_view_mm, result.target_modality
+    if extent is None or modality is None:
         return []
+    card = package.card
     try:
         cards = [e.card for e in _catalog().entries() if e.card is not None]
     except SRCSMError:  # a malformed catalogue must not cost the user the result
@@ -239,7 +240,7 @@ def cmd_segment(args: argparse.Namespace, reporter) -> int:
     result = segmenter.segment(volume, source_matching=not args.no_source_matching,
                                target_modality=modality, postprocessing=postprocessing,
                                roi_bounds=_roi_bounds(args.roi_ras))
-    warnings = (list(result.messages) + _thin_view_fix(package, volume, _roi_bounds(args.roi_ras), modality)
+    warnings = (list(result.messages) + _thin_view_fix(package, result)
                 + _plausibility_warnings(result.labelmap, package, roi=args.roi_ras is not None))
     for msg in warnings:
         reporter.message(msg, "warning")

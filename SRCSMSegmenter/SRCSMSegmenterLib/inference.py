@@ -55,6 +55,11 @@ class SegmentationResult:
     messages: list[str] = field(default_factory=list)
     postprocessing: str = "none"  # the clean-up applied (PostProcessing.cli_value())
     strategy: str = "sliding_window"  # how the network ran: "whole_grid" (one pass) or "sliding_window"
+    # the thinnest extent (mm) of the segmented view when it was too thin for the card's measured slabs on
+    # ``target_modality`` (the thin-view warning is among ``messages``); None when it was not. Front ends
+    # name a better-suited model from these, so the decision is made once, here.
+    thin_view_mm: float | None = None
+    target_modality: str | None = None  # the modality the source matching and the field-of-view check used
 
 
 def count_windows(image_size: tuple[int, ...], roi_size: tuple[int, ...], overlap: float) -> int:
@@ -266,6 +271,7 @@ class Segmenter:
         timings["preprocess_s"] = time.perf_counter() - t0
         extent_mm, axis = thinnest_extent_mm(volume.geometry, volume.shape, roi_bounds)
         thin = thin_view_warning(self.card.field_of_view, self.last_modality, extent_mm, axis, self.card.id)
+        thin_view_mm = extent_mm if thin else None
         if thin:
             log.warning(thin)
             messages.append(thin)
@@ -314,7 +320,7 @@ class Segmenter:
             labelmap=Volume(labels, volume.geometry),
             device=str(device), precision=precision, source_matching=source_matching,
             normalization=norm, timings=timings, messages=messages, postprocessing=postprocessing.cli_value(),
-            strategy=self.last_strategy,
+            strategy=self.last_strategy, thin_view_mm=thin_view_mm, target_modality=self.last_modality,
         )
 
     def _argmax_in_input_grid(self, probs: np.ndarray, grid: Grid, volume: Volume) -> np.ndarray:
