@@ -148,6 +148,79 @@ def test_fov_crop_pads_outside_the_box_as_inference_pads_and_renormalises_mr(cac
     assert mr._box_norm(case, box) != pytest.approx(intensity_affine(np.asarray(case.image), mr_norm)[:2])
 
 
+def test_replicate_padding_continues_the_edge_voxels_and_their_labels(cached_case):
+    """``fov_padding: [replicate]``: beyond a slab (or the volume) a patch holds the nearest voxel that is
+    shown, and its label — what inference with ``padding_mode="replicate"`` feeds the network; the
+    visible part is the same as with constant padding."""
+    from train.trainer import PatchSampler
+
+    case = cached_case
+    shape = np.array(case.image.shape)
+    centre = shape // 2
+    slab_lo, slab_hi = centre[0] - 2, centre[0] + 2
+    box = (np.array([slab_lo, 0, 0]), np.array([slab_hi, shape[1], shape[2]]))
+    sampler = PatchSampler([case], (16, 16, 16), 0.33, np.random.default_rng(0), 0.0)
+    const_img, const_lab = sampler.crop_case(case, centre, box, "constant")
+    img, lab = sampler.crop_case(case, centre, box, "replicate")
+    k0 = 8 - 2
+    np.testing.assert_array_equal(img[k0:k0 + 4], const_img[k0:k0 + 4])  # what the slab shows: unchanged
+    np.testing.assert_array_equal(lab[k0:k0 + 4], const_lab[k0:k0 + 4])
+    for k in range(k0):  # above the slab: its first slice, repeated
+        np.testing.assert_array_equal(img[k], img[k0])
+        np.testing.assert_array_equal(lab[k], lab[k0])
+    for k in range(k0 + 4, 16):  # below: its last
+        np.testing.assert_array_equal(img[k], img[k0 + 3])
+        np.testing.assert_array_equal(lab[k], lab[k0 + 3])
+    # at the volume's corner, without a box: numpy's edge padding of what is inside
+    corner = np.array([3, 3, 3])
+    img, lab = sampler.crop_case(case, corner, None, "replicate")
+    visible = np.asarray(case.image[:11, :11, :11])
+    np.testing.assert_array_equal(img, np.pad(visible, ((5, 0), (5, 0), (5, 0)), mode="edge"))
+    np.testing.assert_array_equal(lab, np.pad(np.asarray(case.label[:11, :11, :11]), ((5, 0), (5, 0), (5, 0)),
+                                              mode="edge"))
+    with pytest.raises(ValueError, match="constant or replicate"):
+        sampler.crop_case(case, centre, box, "reflect")
+    with pytest.raises(ValueError, match="constant and/or replicate"):
+        PatchSampler([case], (16, 16, 16), 0.33, np.random.default_rng(0), 0.0, paddings=("mirror",))
+
+
+def test_padding_both_ways_draws_each_per_patch_and_one_way_keeps_the_random_sequence(cached_case):
+    from train.trainer import FieldOfView, PatchSampler
+
+    case = cached_case
+    fov = FieldOfView(1.0, min_slab_mm=40.0, min_inplane=0.5)
+    spacing = (9.6, 9.6, 9.6)
+
+    def patches(paddings, n=24):
+        sampler = PatchSampler([case], (16, 16, 16), 0.0, np.random.default_rng(5), 0.0, fov=fov,
+                               spacing_kji=spacing, paddings=paddings)
+        return [sampler.sample(1)[0][0, 0] for _ in range(n)]
+
+    fill = np.float32(case.fill_value)
+    const = patches(("constant",))
+    default = PatchSampler([case], (16, 16, 16), 0.0, np.random.default_rng(5), 0.0, fov=fov, spacing_kji=spacing)
+    np.testing.assert_array_equal(default.sample(1)[0][0, 0], const[0])  # the default is constant
+    both = patches(("constant", "replicate"))
+    # a patch reaching beyond the view holds whole fill-valued faces only when padded constantly
+    faces = [np.any([np.all(p[0] == fill), np.all(p[-1] == fill), np.all(p[:, 0] == fill), np.all(p[:, -1] == fill),
+                     np.all(p[:, :, 0] == fill), np.all(p[:, :, -1] == fill)]) for p in both]
+    assert any(faces) and not all(faces)
+    replicated = patches(("replicate",))
+    assert sum(np.all(p[0] == fill) or np.all(p[-1] == fill) for p in replicated) < sum(
+        np.all(p[0] == fill) or np.all(p[-1] == fill) for p in const)
+
+
+def test_v2_tiny_run_trains_padding_both_ways(tmp_path):
+    from train.trainer import Trainer
+
+    cfg = _tiny_config(tmp_path, fov_augmentation=1.0, fov_padding=["constant", "replicate"], iterations=3)
+    Trainer(cfg, log=lambda m: None).fit()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert saved["fov_padding"] == ["constant", "replicate"]
+    older = {k: v for k, v in saved.items() if k != "fov_padding"}  # a run's config.json from before the key
+    assert TrainConfig.model_validate(older).fov_padding == ["constant"]  # as it was trained
+
+
 # ----------------------------------------------------------------------------------- network
 def test_instance_norm_unet_is_loaded_from_a_card_and_plain_cards_stay_plain():
     from SRCSMSegmenterLib.network import build_network

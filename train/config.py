@@ -63,6 +63,13 @@ class TrainConfig(BaseModel):
                     "outside as inference pads a scan, so that a network learns anatomy that ends at a border")
     fov_min_slab_mm: float = Field(40.0, gt=0.0)
     fov_min_inplane: float = Field(0.5, gt=0.0, le=1.0)
+    fov_padding: list[Literal["constant", "replicate"]] = Field(
+        default_factory=lambda: ["constant"], min_length=1,
+        description="how a patch is filled beyond what the case (or its field-of-view box) shows, one drawn per "
+                    "patch: constant = the image's fill value and background (how every front end pads by "
+                    "default); replicate = the edge voxels and their labels continued (a card's "
+                    "inference.padding_mode: replicate). Both: a network in distribution under either, so the "
+                    "card's padding can be chosen after training (docs/benchmarks.md, 'Padding a thin scan')")
     loss: Literal["gdl", "gdl_ce"] = Field(
         "gdl", description="gdl: generalised Dice loss (the paper); gdl_ce: plus voxel-wise cross-entropy (as "
                            "nnU-Net). GDL weights a label by 1/volume², so a large organ carries little weight: "

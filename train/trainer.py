@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -226,12 +226,18 @@ class PatchSampler:
     in the case (class-balanced, as nnU-Net does); otherwise anywhere in the volume, so that patches
     reach the volume's borders and the padding beyond them (what a sliding window over a whole scan
     sees). ``fov`` crops the case to a random field of view first (:class:`FieldOfView`); ``norm`` is
-    then recomputed on what the box shows, as inference computes it on what the scan shows.
+    then recomputed on what the box shows, as inference computes it on what the scan shows. Beyond what
+    the case or box shows, a patch is filled as inference pads: ``paddings`` (one drawn per patch when
+    several) — ``constant`` (fill value, background) or ``replicate`` (edge voxels and labels continued).
     """
 
     def __init__(self, cases: list[CachedCase], crop_kji: tuple[int, int, int], fg_prob: float,
                  rng: np.random.Generator, landmark_prob: float = 0.0, fov: FieldOfView | None = None,
-                 spacing_kji: tuple[float, float, float] = (1.0, 1.0, 1.0), norm: Any = None) -> None:
+                 spacing_kji: tuple[float, float, float] = (1.0, 1.0, 1.0), norm: Any = None,
+                 paddings: Sequence[str] = ("constant",)) -> None:
+        if not paddings or any(p not in ("constant", "replicate") for p in paddings):
+            raise ValueError(f"paddings must be constant and/or replicate, got {list(paddings)!r}")
+        self.paddings = tuple(paddings)
         self.cases, self.crop, self.fg_prob, self.rng = cases, crop_kji, fg_prob, rng
         self.landmark_prob = landmark_prob
         self.landmarks = {c.id: _landmark(c) for c in cases}
@@ -253,14 +259,24 @@ class PatchSampler:
         return (self.rng.random(3) * shape).astype(int)
 
     def crop_case(self, case: CachedCase, centre: np.ndarray,
-                  box: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  box: tuple[np.ndarray, np.ndarray] | None = None,
+                  padding: str = "constant") -> tuple[np.ndarray, np.ndarray]:
         """The crop around ``centre``; outside the volume (or outside ``box``) the fill value and
-        background, exactly as inference pads a scan."""
+        background, exactly as inference pads a scan — or, with ``padding="replicate"``, the nearest
+        voxel inside and its label, as inference with ``padding_mode="replicate"`` continues the edge
+        slices (the label follows the image, so an organ cut by the border is not taught as background
+        where it looks like organ)."""
         size = np.array(self.crop)
         start = centre - size // 2
+        vol_lo, vol_hi = (np.zeros(3, int), np.array(case.image.shape)) if box is None else box
+        if padding == "replicate":
+            index = np.ix_(*(np.clip(np.arange(a, a + n), lo, hi - 1)
+                             for a, n, lo, hi in zip(start, size, vol_lo, vol_hi)))
+            return np.asarray(case.image[index], dtype=np.float32), np.asarray(case.label[index], dtype=np.uint8)
+        if padding != "constant":
+            raise ValueError(f"unknown padding {padding!r}: constant or replicate")
         img = np.full(self.crop, case.fill_value, dtype=np.float32)
         lab = np.zeros(self.crop, dtype=np.uint8)
-        vol_lo, vol_hi = (np.zeros(3, int), np.array(case.image.shape)) if box is None else box
         src_lo = np.maximum(start, vol_lo)
         src_hi = np.minimum(start + size, vol_hi)
         if np.all(src_hi > src_lo):
@@ -290,7 +306,10 @@ class PatchSampler:
             case = self.cases[self.rng.integers(len(self.cases))]
             centre = self._centre(case)
             box = self.fov.box(case.image.shape, centre, self.spacing_kji, self.rng)
-            img, lab = self.crop_case(case, centre, box)
+            # drawn only when there is a choice: a one-mode recipe keeps its random sequence (and resumes)
+            padding = self.paddings[self.rng.integers(len(self.paddings))] if len(self.paddings) > 1 \
+                else self.paddings[0]
+            img, lab = self.crop_case(case, centre, box, padding)
             imgs.append(img)
             labs.append(lab)
             norms.append(list(self._box_norm(case, box)) if box is not None else [case.norm_scale, case.norm_offset])
@@ -710,7 +729,7 @@ class Trainer:
         fov = FieldOfView(cfg.fov_augmentation, cfg.fov_min_slab_mm, cfg.fov_min_inplane)
         self.sampler = PatchSampler(self.train_data, self.crop_kji, cfg.foreground_oversampling, self.rng,
                                     cfg.landmark_sampling, fov=fov, spacing_kji=tuple(reversed(cfg.spacing)),
-                                    norm=self.norm)
+                                    norm=self.norm, paddings=cfg.fov_padding)
         if self.dist.main:
             (self.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
         writer = None
