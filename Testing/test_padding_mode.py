@@ -107,3 +107,111 @@ def test_measurements_with_replicate_padding_never_reach_a_card(tiny_model, tmp_
     constant["meta"]["padding_mode"] = "constant"
     assert field_of_view_limits([constant]) is not None
     assert np.isfinite(result["rows"][0]["dice"])
+
+
+# ------------------------------------------------------------------------- the card's padding
+def _card_with_padding(src: Path, dst: Path, padding: str) -> Path:
+    """A copy of a package folder whose card pads thin grids with ``padding``."""
+    import shutil
+
+    from train.choose_padding import PaddingChoice, write_card
+
+    shutil.copytree(src, dst)
+    write_card(dst, PaddingChoice(padding, f"test: {padding}"))
+    return dst
+
+
+def test_the_segmenter_pads_as_the_card_says_unless_told_otherwise(thin_slab, tmp_path):
+    """The card is the contract: a card with ``inference.padding_mode: replicate`` gets replicate padding
+    by default (the same labels as asking for it), an explicit choice overrides it, and cards without
+    the field keep constant padding."""
+    bundled = MODELS / "abdomen-mr-srcsm"
+    assert load_package(bundled).card.inference.padding_mode == "constant"
+    assert Segmenter(load_package(bundled), device="cpu").padding_mode == "constant"
+    replicate_card = load_package(_card_with_padding(bundled, tmp_path / "mr-replicate", "replicate"))
+    assert replicate_card.card.inference.padding_chosen_by == "test: replicate"
+    by_card = Segmenter(replicate_card, device="cpu", precision="fp32")
+    assert by_card.padding_mode == "replicate"
+    asked = Segmenter(load_package(bundled), device="cpu", precision="fp32", padding_mode="replicate")
+    constant = Segmenter(replicate_card, device="cpu", precision="fp32", padding_mode="constant")
+    labels = {name: s.segment(thin_slab, target_modality="MR").labelmap.array
+              for name, s in (("card", by_card), ("asked", asked), ("constant", constant))}
+    np.testing.assert_array_equal(labels["card"], labels["asked"])
+    assert np.count_nonzero(labels["card"] != labels["constant"]) > 0  # the padding reached the labels
+    with pytest.raises(ValueError, match="padding mode 'mirror': use card, constant or replicate"):
+        Segmenter(replicate_card, device="cpu", padding_mode="mirror")  # type: ignore[arg-type]
+
+
+def test_a_card_that_replicates_takes_its_own_measurements_and_refuses_constant_ones(tiny_model, tmp_path):
+    from train.card_metrics import card_metrics
+    from train.evaluate import evaluate_model
+    from train.robustness import field_of_view_limits, load_results, run_robustness
+
+    package = _card_with_padding(tiny_model, tmp_path / "tiny-replicate", "replicate")
+    mr = make_subset_dataset(tmp_path / "Dataset502_AbdomenMRT2", SHARED_DATA / "Dataset502_AbdomenMRT2", [],
+                             ["chaos_01"])
+    own = evaluate_model(package, mr, tmp_path / "eval", split="val", sm="on", device="cpu", log=lambda m: None)
+    assert (own["padding_mode"], own["card_padding_mode"]) == ("replicate", "replicate")
+    assert "mr" in json.dumps(card_metrics({"mr": tmp_path / "eval"}))  # the card's own padding: taken
+    other = evaluate_model(package, mr, tmp_path / "eval-constant", split="val", sm="on", device="cpu",
+                           padding_mode="constant", log=lambda m: None)
+    assert (other["padding_mode"], other["card_padding_mode"]) == ("constant", "replicate")
+    with pytest.raises(ValueError, match="padded with 'constant', not as its card does \\('replicate'\\)"):
+        card_metrics({"mr": tmp_path / "eval-constant"})
+    run_robustness(package, mr, tmp_path / "rob", split="val", cases=1, perturbations=["slab_60mm"],
+                   device="cpu", padding_mode="constant", log=lambda m: None)
+    (result,) = load_results([tmp_path / "rob"])
+    with pytest.raises(ValueError, match="padded with 'constant', not as its card does"):
+        field_of_view_limits([result])
+
+
+def _measured(constant: tuple[float, float, int], replicate: tuple[float, float, int]) -> dict:
+    """A choose-padding measurement: (whole, mean slab Dice, empty) per padding."""
+    def scores(whole: float, slabs: float, empty: int) -> dict:
+        return {"whole": whole, "slabs": slabs, "empty": empty, "in_view": 12,
+                "per_slab": {"slab_40mm": slabs - 0.02, "slab_60mm": slabs + 0.02}}
+    return {"dataset": "Dataset502_AbdomenMRT2", "split": "val", "cases": ["a", "b"],
+            "scores": {"constant": scores(*constant), "replicate": scores(*replicate)}}
+
+
+def test_replicate_is_chosen_only_when_it_wins_on_slabs_and_costs_nothing_else():
+    from train.choose_padding import MAX_WHOLE_LOSS, MIN_GAIN, choose
+
+    wins = choose(_measured((0.85, 0.80, 1), (0.85, 0.80 + MIN_GAIN + 0.001, 1)))
+    assert wins.padding_mode == "replicate"
+    assert "2 Dataset502_AbdomenMRT2 val cases" in wins.chosen_by and "slabs 40mm 0.791, 60mm 0.831" in wins.chosen_by
+    assert choose(_measured((0.85, 0.80, 1), (0.85, 0.80 + MIN_GAIN - 0.001, 1))).padding_mode == "constant"
+    assert choose(_measured((0.85, 0.80, 0), (0.85, 0.90, 1))).padding_mode == "constant"  # one more empty
+    assert choose(_measured((0.85, 0.80, 0), (0.85 - MAX_WHOLE_LOSS - 0.001, 0.90, 0))).padding_mode == "constant"
+    assert choose(_measured((0.85, 0.80, 2), (0.85 - MAX_WHOLE_LOSS + 0.001, 0.90, 0))).padding_mode == "replicate"
+
+
+def test_choose_padding_command_measures_both_and_writes_only_the_cards_padding(tiny_model, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    package = tmp_path / "tiny"
+    shutil.copytree(tiny_model, package)
+    before = json.loads((package / "model.json").read_text(encoding="utf-8"))
+    ct = make_subset_dataset(tmp_path / "Dataset501_AbdomenCT", SHARED_DATA / "Dataset501_AbdomenCT", [],
+                             ["sabs_09"])
+    proc = subprocess.run([sys.executable, "-m", "train", "choose-padding", str(package), str(ct), "--out",
+                           str(tmp_path / "pad"), "--write-card"], capture_output=True, text=True,
+                          encoding="utf-8", cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads((tmp_path / "pad" / "choose-padding.json").read_text(encoding="utf-8"))
+    assert set(measured["scores"]) == {"constant", "replicate"} and measured["cases"] == ["sabs_09"]
+    for padding in ("constant", "replicate"):
+        meta = json.loads((tmp_path / "pad" / padding / "robustness.json").read_text(encoding="utf-8"))["meta"]
+        assert meta["padding_mode"] == padding and meta["perturbations"] == ["slab_40mm", "slab_60mm", "slab_90mm",
+                                                                              "slab_150mm"]
+    after = json.loads((package / "model.json").read_text(encoding="utf-8"))
+    assert after["inference"]["padding_mode"] == measured["chosen"]["padding_mode"]
+    assert after["inference"]["padding_chosen_by"] == measured["chosen"]["chosen_by"]
+    assert "constant: slabs 40mm" in after["inference"]["padding_chosen_by"]
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {"inference"}
+    def rest(inference: dict) -> dict:
+        return {k: v for k, v in inference.items() if not k.startswith("padding")}
+    assert rest(after["inference"]) == rest(before["inference"])

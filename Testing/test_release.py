@@ -50,6 +50,11 @@ def test_release_measures_into_the_staged_card(release_setup):
     card = json.loads((plan.package / MODEL_JSON).read_text(encoding="utf-8"))
     assert card["version"] == "0.0.2" and card["id"] == "tiny-ct"
     assert "val" in card["postprocessing"]["chosen_by"] and card["inference"]["strategy"] in ("whole_grid", "sliding_window")
+    # the padding of thin grids was chosen on slabs of the same validation cases, and written with its numbers
+    padding = json.loads((plan.staging / "padding" / "choose-padding.json").read_text(encoding="utf-8"))
+    assert padding["split"] == "val" and set(padding["scores"]) == {"constant", "replicate"}
+    assert card["inference"]["padding_mode"] == padding["chosen"]["padding_mode"]
+    assert card["inference"]["padding_chosen_by"].startswith("python -m train choose-padding on 1 Dataset501_AbdomenCT val")
     # metrics come from the evaluation summaries, under generated keys (the previous card had none)
     ind = json.loads((plan.staging / "eval" / "in_domain" / "summary.json").read_text(encoding="utf-8"))
     cross = json.loads((plan.staging / "eval" / "cross_domain" / "summary.json").read_text(encoding="utf-8"))

@@ -13,6 +13,7 @@ Examples::
     python -m train robustness Resources/Models/abdomen-ct-srcsm ../shared/data/Dataset501_AbdomenCT --out rob/ct
     python -m train robustness --report rob/ct rob/ct2mr --markdown docs/robustness.md
     python -m train choose-postprocessing Resources/Models/abdomen-ct-srcsm ../shared/data/Dataset501_AbdomenCT
+    python -m train choose-padding Resources/Models/abdomen-mr-srcsm ../shared/data/Dataset502_AbdomenMRT2 --out runs/pad/mr
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, default=None, help="evaluate only the first N cases")
     add_postprocess_arguments(v, "each prediction, as `srcsm segment` applies it (card: what a user gets; none: "
                                  "the network's own labels)")
-    v.add_argument("--padding-mode", choices=["constant", "replicate"], default="constant",
-                   help="how the network input is padded where the model grid is smaller than the window: constant (the default, what every front end does and the models were trained with) or replicate (an experiment: docs/benchmarks.md \"Padding a thin scan\"; its results never go into a card)")
+    v.add_argument("--padding-mode", choices=["card", "constant", "replicate"], default="card",
+                   help="how the network input is padded where the model grid is smaller than the window: card (the default: the model card's inference.padding_mode, what every front end does), constant or replicate (experiments: docs/benchmarks.md \"Padding a thin scan\"; a padding other than the card's never goes into a card)")
     v.add_argument("--landmark", action="store_true",
                    help="also evaluate inside the paper's ground-truth-centred ROI (measures the cost of our "
                         "whole-volume sliding window; not a clinical setting)")
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bundled-dir", default=None, help="bundled models folder (default: the project's Resources/Models)")
     from .robustness_cli import add_parsers
 
-    add_parsers(sub)  # robustness, choose-postprocessing
+    add_parsers(sub)  # robustness, choose-postprocessing, choose-padding
     return p
 
 
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.install:
                 install_release(plan)
             return 0
-        if args.command in ("robustness", "choose-postprocessing"):
+        if args.command in ("robustness", "choose-postprocessing", "choose-padding"):
             from .robustness_cli import run
 
             return run(args)

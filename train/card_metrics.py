@@ -15,7 +15,7 @@ from typing import Any
 
 from SRCSMSegmenterLib.image import atomic_output
 
-from .evaluate import LANDMARK, SETTINGS
+from .evaluate import LANDMARK, SETTINGS, card_padding, padded_as_card
 
 # Card keys for the evaluation settings (stable identifiers, not display names).
 SETTING_KEYS = {SETTINGS["on"]: "with_source_matching", SETTINGS["off"]: "without_source_matching",
@@ -30,10 +30,10 @@ def setting_metrics(per_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def entry_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    if summary.get("padding_mode", "constant") != "constant":
+    if not padded_as_card(summary):
         raise ValueError(f"the evaluation of {summary['model']} on {summary['dataset']} padded with "
-                         f"{summary['padding_mode']!r}, which no front end does; a card's metrics must be what a user "
-                         f"gets: evaluate without --padding-mode")
+                         f"{summary['padding_mode']!r}, not as its card does ({card_padding(summary)!r}); a card's "
+                         f"metrics must be what a user gets: evaluate without --padding-mode")
     entry: dict[str, Any] = {"dataset": summary["dataset"], "split": summary["split"], "cases": summary["cases"]}
     if "postprocessing" in summary:  # the clean-up the numbers include (summaries before 2026-12-04: none)
         entry["postprocessing"] = summary["postprocessing"]

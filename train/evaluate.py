@@ -57,17 +57,30 @@ def check_label_values(package, dataset) -> dict[int, str]:
     return model_names
 
 
+def card_padding(record: dict) -> str:
+    """The padding the evaluated card prescribes, from an evaluation summary or a robustness run's meta
+    (records made before cards had one: constant, the only padding then)."""
+    return record.get("card_padding_mode", "constant")
+
+
+def padded_as_card(record: dict) -> bool:
+    """Whether an evaluation or robustness run padded thin grids as the model's card does — the only
+    measurements a card may carry (a card describes what a user gets)."""
+    return record.get("padding_mode", "constant") == card_padding(record)
+
+
 def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    split: str = "all", sm: str = "both", device: str = "auto", limit: int | None = None,
                    keep_largest: bool = False, landmark: bool = False, log=print,
-                   postprocess: str | PostProcessing = "card", padding_mode: str = "constant") -> dict:
+                   postprocess: str | PostProcessing = "card", padding_mode: str = "card") -> dict:
     """Segment every case of ``split`` with/without SM (``sm``: both/on/off) and, with ``landmark``,
     also with SM inside the paper's ground-truth-centred ROI; write the reports into ``out_dir``.
 
     ``postprocess``: the clean-up, as ``srcsm segment --postprocess`` takes it — the model card's
     default (``card``: what a user gets), ``none`` (the network's own labels), ``keep-largest`` or
     ``min-volume:MM3``; ``keep_largest=True`` is ``keep-largest``. The summary records it, and
-    ``padding_mode`` (:class:`~SRCSMSegmenterLib.inference.Segmenter`'s: ``constant`` is what a user gets)."""
+    ``padding_mode`` (:class:`~SRCSMSegmenterLib.inference.Segmenter`'s: ``card``, the card's, is what a user
+    gets) with the card's own, so a tool writing a card can refuse a measurement padded otherwise."""
     package = Catalog().resolve(model)
     cleanup = resolve_postprocessing(package.card.postprocessing, "keep-largest" if keep_largest else postprocess)
     dataset = load_dataset(dataset_dir)
@@ -113,11 +126,14 @@ def evaluate_model(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
              f"{package.card.provenance.iterations} iterations); target modality {dataset.modality}; "
              f"{len(cases)} cases; the whole volume (no landmark ROI), {segmenter.strategy.replace('_', ' ')}; "
              f"clean-up: {cleanup.describe()}; device {segmenter.device}"
-             + ("." if padding_mode == "constant" else f"; {padding_mode} padding of a grid smaller than the window."))
+             + ("." if segmenter.padding_mode == package.card.inference.padding_mode
+                else f"; {segmenter.padding_mode} padding of a grid smaller than the window (the card's: "
+                     f"{package.card.inference.padding_mode})."))
     write_reports(rows, out, settings=settings, title=title, case_loader=case_loader, colors=colors, notes=notes)
     summary = {"model": package.id, "weights_sha256": package.card.weights.sha256, "dataset": dataset.name,
                "split": split, "cases": len(cases), "postprocessing": cleanup.cli_value(),
                "inference": segmenter.strategy, "padding_mode": segmenter.padding_mode,
+               "card_padding_mode": package.card.inference.padding_mode,
                "mean_seconds_per_case": float(np.mean(seconds)) if seconds else None, "settings": {}}
     for row in summarize(rows, settings):
         entry = summary["settings"].setdefault(row["setting"], {})

@@ -11,7 +11,8 @@ Until now a release was a hand-kept shell script in the git-ignored ``runs/`` (a
 1. **export** the run's EMA weights (float16) as ``<id>`` ``<version>`` (the run must have finished:
    its checkpoint at the recipe's last iteration);
 2. **choose** the inference strategy and clean-up on the model's own validation cases
-   (:mod:`train.choose_postprocessing`) and write them into the card;
+   (:mod:`train.choose_postprocessing`), then the **padding** of thin grids on slabs of the same cases
+   (:mod:`train.choose_padding`), and write them into the card;
 3. **evaluate** in-domain (the own dataset's test split, or its validation split where there is no
    test split; source matching off, as in-domain protocols are measured) and cross-domain (with and
    without source matching), through the card's clean-up;
@@ -235,6 +236,24 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
 
     _step(plan, "choose", {**run_key, "split": plan.choose_split, "dataset": str(plan.own.root)}, choose_file,
           do_choose, log)
+    padding_file = plan.staging / "padding" / "choose-padding.json"
+
+    def do_padding() -> None:
+        from . import choose_padding
+
+        measured = choose_padding.measure(plan.package, plan.own.root, padding_file.parent, split=plan.choose_split,
+                                          device=plan.device, log=log)
+        chosen = choose_padding.choose(measured)
+        measured["chosen"] = {"padding_mode": chosen.padding_mode, "chosen_by": chosen.chosen_by}
+        with atomic_output(padding_file) as tmp:
+            Path(tmp).write_text(json.dumps(measured, indent=1) + "\n", encoding="utf-8")
+        choose_padding.write_card(plan.package, chosen)
+
+    # measured with the strategy and clean-up just chosen: keyed, like that choice, on the run, and on
+    # that choice (a new one re-measures the padding)
+    chosen_before = hashlib.sha256(choose_file.read_bytes()).hexdigest()
+    _step(plan, "choose padding", {**run_key, "split": plan.choose_split, "dataset": str(plan.own.root),
+                                   "after": chosen_before}, padding_file, do_padding, log)
     fp = card_fingerprint(plan.package)
     evals = plan.staging / "eval"
 

@@ -47,7 +47,7 @@ from SRCSMSegmenterLib.inference import Segmenter
 from SRCSMSegmenterLib.postprocess import resolve as resolve_postprocessing
 
 from .datasets import load_dataset
-from .evaluate import check_label_values
+from .evaluate import card_padding, check_label_values, padded_as_card
 from .metrics import evaluate_case, read_label_map
 from .perturbations import PERTURBATIONS, follow_labels, perturbations_for
 from .report import _new_figure, _save, write_csv
@@ -97,7 +97,7 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
                    split: str = "test", cases: int | None = 3, case_ids: Sequence[str] | None = None,
                    perturbations: Sequence[str] | None = None, device: str = "cpu", postprocess: str = "card",
                    source_matching: bool = True, target_modality: str = "auto", seed: int = 0,
-                   command: str | None = None, log=print, padding_mode: str = "constant") -> dict:
+                   command: str | None = None, log=print, padding_mode: str = "card") -> dict:
     """Run the benchmark of one model on one dataset (module docstring) and write ``out_dir``."""
     package = Catalog().resolve(str(model))
     dataset = load_dataset(dataset_dir)
@@ -150,7 +150,8 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
         "cases": [c.id for c in chosen], "perturbations": [p.name for p in perts],
         "descriptions": {p.name: p.description for p in perts}, "labels": {str(k): v for k, v in names.items()},
         "device": str(segmenter.device), "precision": segmenter.precision, "postprocessing": post.cli_value(),
-        "source_matching": source_matching, "padding_mode": padding_mode, "seed": seed, "date": _dt.date.today().isoformat(),
+        "source_matching": source_matching, "padding_mode": segmenter.padding_mode,
+        "card_padding_mode": package.card.inference.padding_mode, "seed": seed, "date": _dt.date.today().isoformat(),
         "machine": _machine(), "seconds": round(time.perf_counter() - t_start, 1),
         "command": command or "python -m train robustness " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     }
@@ -284,6 +285,14 @@ def domain_slabs(result: dict) -> DomainSlabs | None:
                        slabs=tuple(sorted(slabs, key=lambda s: s.thickness_mm)))
 
 
+def _padding_note(meta: dict) -> str:
+    """The run's padding in a report line: nothing for the usual constant padding of a constant card."""
+    mode = meta.get("padding_mode", "constant")
+    if not padded_as_card(meta):
+        return f", **{mode} padding** (not what a user gets: the card pads {card_padding(meta)})"
+    return "" if mode == "constant" else f", the card's {mode} padding"
+
+
 def field_of_view_limits(results: Sequence[dict], weights_sha256: str | None = None) -> FieldOfViewLimits | None:
     """A card's ``field_of_view`` from robustness runs of one model (one per dataset); None when none of
     them ran a slab perturbation.
@@ -295,10 +304,10 @@ def field_of_view_limits(results: Sequence[dict], weights_sha256: str | None = N
     domains, said = [], []
     for result in results:
         meta = result["meta"]
-        if meta.get("padding_mode", "constant") != "constant":
+        if not padded_as_card(meta):
             raise ValueError(f"the robustness run of {meta['model']} on {meta['dataset']} padded with "
-                             f"{meta['padding_mode']!r}, which no front end does; a card's field of view must be "
-                             f"what a user gets: rerun it without --padding-mode")
+                             f"{meta['padding_mode']!r}, not as its card does ({card_padding(meta)!r}); a card's "
+                             f"field of view must be what a user gets: rerun it without --padding-mode")
         if weights_sha256 is not None and meta.get("weights_sha256") != weights_sha256:
             raise ValueError(
                 f"the robustness run of {meta['model']} {meta.get('model_version')} on {meta['dataset']} measured other "
@@ -478,8 +487,7 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
             lines += [f"### {_domain(result)}: {len(meta['cases'])} cases ({', '.join(meta['cases'])})", "",
                       f"Run `{meta['command']}` on {meta['date']}, {meta['machine']}, device {meta['device']} "
                       f"({meta['precision']}), clean-up `{meta['postprocessing']}`"
-                      + ("" if meta.get("padding_mode", "constant") == "constant"
-                         else f", **{meta['padding_mode']} padding** (not what a user gets)")
+                      + _padding_note(meta)
                       + f", {meta['seconds']:.0f} s.", ""]
             if prev is not None:
                 pm = prev["meta"]

@@ -1,4 +1,4 @@
-"""Command-line parts of ``python -m train robustness`` and ``python -m train choose-postprocessing``.
+"""Command-line parts of ``python -m train robustness``, ``choose-postprocessing`` and ``choose-padding``.
 
 Kept apart from :mod:`train.robustness` so that building the parser imports nothing heavy (torch,
 SimpleITK), like the other subcommands of ``train/__main__.py``.
@@ -13,7 +13,7 @@ import sys
 
 
 def add_parsers(sub) -> None:
-    """Add the two subcommands to ``python -m train``'s subparsers."""
+    """Add the three subcommands to ``python -m train``'s subparsers."""
     r = sub.add_parser(
         "robustness", help="a model on real cases, unperturbed and under the perturbations real scans bring "
                            "(partial field of view, resampling, flips, oblique grids, raw HU, scaled intensities)",
@@ -31,8 +31,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--no-source-matching", action="store_true")
     r.add_argument("--target-modality", choices=["auto", "CT", "MR"], default="auto")
     r.add_argument("--device", default="cpu", help="cpu (default), auto, cuda")
-    r.add_argument("--padding-mode", choices=["constant", "replicate"], default="constant",
-                   help="how the network input is padded where the model grid is smaller than the window: constant (the default, what every front end does and the models were trained with) or replicate (an experiment: docs/benchmarks.md \"Padding a thin scan\"; its results never go into a card)")
+    r.add_argument("--padding-mode", choices=["card", "constant", "replicate"], default="card",
+                   help="how the network input is padded where the model grid is smaller than the window: card (the default: the model card's inference.padding_mode, what every front end does), constant or replicate (experiments: docs/benchmarks.md \"Padding a thin scan\"; a padding other than the card's never goes into a card)")
     r.add_argument("--seed", type=int, default=0, help="seed of the random perturbations (raw HU noise)")
     r.add_argument("--out", help="output folder of the run")
     r.add_argument("--report", nargs="+", metavar="DIR", help="write the report from these result folders")
@@ -61,8 +61,35 @@ def add_parsers(sub) -> None:
                    help="write the choice (inference.strategy and postprocessing) into MODEL/model.json")
 
 
+    p = sub.add_parser("choose-padding",
+                       help="measure constant and replicate padding of thin grids on slabs of a model's validation "
+                            "cases, pick one, optionally write it into the card (inference.padding_mode)")
+    p.add_argument("model", help="model package folder (or catalogue id without --write-card)")
+    p.add_argument("dataset", help="the model's own (source-domain) dataset")
+    p.add_argument("--split", default="val", help="split of the dataset (default val)")
+    p.add_argument("--cases", type=int, default=None, help="the first N cases of the split (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="folder for the two robustness runs and choose-padding.json")
+    p.add_argument("--write-card", action="store_true",
+                   help="write the choice into MODEL/model.json (then measure the card's metrics and field of view "
+                        "again: they were measured with the old padding)")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Dispatch one of the two subcommands."""
+    """Dispatch one of the subcommands."""
+    if args.command == "choose-padding":
+        from pathlib import Path
+
+        from .choose_padding import choose, measure, write_card
+
+        measured = measure(args.model, args.dataset, args.out, split=args.split, cases=args.cases, device=args.device)
+        chosen = choose(measured)
+        measured["chosen"] = {"padding_mode": chosen.padding_mode, "chosen_by": chosen.chosen_by}
+        Path(args.out, "choose-padding.json").write_text(json.dumps(measured, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(measured["chosen"], indent=1, ensure_ascii=False))
+        if args.write_card:
+            print(f"wrote {write_card(args.model, chosen)}")
+        return 0
     if args.command == "choose-postprocessing":
         from pathlib import Path
 

@@ -80,13 +80,14 @@ class Segmenter:
     makes :meth:`segment` raise :class:`CancelledError`. On a CUDA out-of-memory error the work is
     redone on the CPU and a message says so (``result.messages``), unless ``fallback_to_cpu=False``.
     ``strategy`` overrides the card's ``inference.strategy`` (comparisons, benchmarks); "card" follows it.
+    ``padding_mode`` likewise overrides the card's ``inference.padding_mode``.
     """
 
     def __init__(self, package: ModelPackage, device: str = "auto", precision: str = "auto",
                  progress: ProgressCallback | None = None, cancel: CancelCallback | None = None,
                  sw_batch_size: int = 1, fallback_to_cpu: bool = True,
                  strategy: Literal["card", "sliding_window", "whole_grid"] = "card",
-                 padding_mode: Literal["constant", "replicate"] = "constant") -> None:
+                 padding_mode: Literal["card", "constant", "replicate"] = "card") -> None:
         self.package = package
         self.card = package.card
         self.device = resolve_device(device)
@@ -99,11 +100,12 @@ class Segmenter:
         if strategy not in ("card", "sliding_window", "whole_grid"):
             raise ValueError(f"unknown inference strategy {strategy!r}: use card, sliding_window or whole_grid")
         self.strategy = self.card.inference.strategy if strategy == "card" else strategy
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"unknown padding mode {padding_mode!r}: use {' or '.join(PADDING_MODES)}")
-        #: how a model grid smaller than the window is padded: ``constant`` (the grid's minimum, as the
-        #: models were trained) or ``replicate`` (an experiment: docs/benchmarks.md "Padding a thin scan")
-        self.padding_mode = padding_mode
+        if padding_mode != "card" and padding_mode not in PADDING_MODES:
+            raise ValueError(f"unknown padding mode {padding_mode!r}: use card, {' or '.join(PADDING_MODES)}")
+        #: how a model grid smaller than the window is padded: ``constant`` (the grid's minimum) or
+        #: ``replicate`` (its edge voxels), as the card says unless overridden (docs/benchmarks.md
+        #: "Padding a thin scan")
+        self.padding_mode: str = self.card.inference.padding_mode if padding_mode == "card" else padding_mode
         #: how the network ran in the last :meth:`segment` (the size limit or GPU memory can turn
         #: ``whole_grid`` into ``sliding_window``)
         self.last_strategy = self.strategy

@@ -137,10 +137,12 @@ def inference_text(card: ModelCard) -> str:
     inf = card.inference
     window = (f"sliding window of {' × '.join(map(str, card.patch_size))} voxels, {inf.overlap:.0%} overlap, "
               f"{inf.blend_mode} blending")
+    padding = ("; a grid thinner than the window is padded with its edge voxels (replicate)"
+               if getattr(inf, "padding_mode", "constant") == "replicate" else "")
     if getattr(inf, "strategy", "sliding_window") == "whole_grid":
         return (f"one pass over the whole model grid (up to {inf.max_grid_voxels / 1e6:g} M voxels; "
-                f"larger grids: {window})")
-    return window
+                f"larger grids: {window}){padding}")
+    return window + padding
 
 
 def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None) -> str:
@@ -156,6 +158,9 @@ def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None)
            f"network {card.network.architecture}",
            f"  inference:   {inference_text(card)}"
            + (f" ({card.inference.chosen_by})" if getattr(card.inference, "chosen_by", None) else ""),
+           *textwrap.wrap(f"padding:     {card.inference.padding_mode} ({card.inference.padding_chosen_by})", 100,
+                          initial_indent="  ", subsequent_indent="    ")
+           * bool(getattr(card.inference, "padding_chosen_by", None)),
            f"  training:    {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
            f"{card.provenance.date}",
            f"  licence:     {card.license}"]

@@ -85,6 +85,12 @@ class InferenceSpec(_Strict):
     max_grid_voxels: int = Field(WHOLE_GRID_MAX_VOXELS, ge=1,
                                  description="whole_grid only: larger (padded) grids use the sliding window")
     chosen_by: str | None = Field(None, description="how the strategy was chosen (measurements)")
+    padding_mode: Literal["constant", "replicate"] = Field(
+        "constant", description="how a model grid smaller than the network's window (a thin scan) is padded: "
+                                "constant = the grid's minimum (air, background), replicate = its edge voxels "
+                                "continued (MONAI's padding_mode)")
+    padding_chosen_by: str | None = Field(None, description="how the padding was chosen (measurements on "
+                                                              "validation slabs: python -m train choose-padding)")
 
 
 class Provenance(_Strict):
