@@ -215,3 +215,28 @@ def test_choose_padding_command_measures_both_and_writes_only_the_cards_padding(
     def rest(inference: dict) -> dict:
         return {k: v for k, v in inference.items() if not k.startswith("padding")}
     assert rest(after["inference"]) == rest(before["inference"])
+
+
+def test_changing_a_measured_cards_padding_says_its_numbers_are_stale(tmp_path, monkeypatch, capsys):
+    """The bundled MR card carries metrics and a field of view measured with constant padding: a
+    choice of replicate is written, and the command says those numbers must be measured again."""
+    import argparse
+    import shutil
+
+    from train import choose_padding
+    from train.robustness_cli import run
+
+    package = tmp_path / "mr"
+    shutil.copytree(MODELS / "abdomen-mr-srcsm", package)
+    measured = _measured((0.85, 0.80, 0), (0.85, 0.90, 0))
+    monkeypatch.setattr(choose_padding, "measure", lambda *a, **k: json.loads(json.dumps(measured)))
+    args = argparse.Namespace(command="choose-padding", model=str(package), dataset="unused", split="val", cases=None,
+                              device="cpu", out=str(tmp_path / "pad"), write_card=True)
+    (tmp_path / "pad").mkdir()
+    assert run(args) == 0
+    err = capsys.readouterr().err
+    assert "the card's padding changed (constant → replicate)" in err and "measure them again" in err
+    assert load_package(package).card.inference.padding_mode == "replicate"
+    capsys.readouterr()
+    assert run(args) == 0  # the same choice again: nothing stale to report
+    assert "padding changed" not in capsys.readouterr().err

@@ -88,7 +88,14 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out, "choose-padding.json").write_text(json.dumps(measured, indent=1) + "\n", encoding="utf-8")
         print(json.dumps(measured["chosen"], indent=1, ensure_ascii=False))
         if args.write_card:
+            from SRCSMSegmenterLib.modelpackage import load_package
+
+            before = load_package(args.model).card
             print(f"wrote {write_card(args.model, chosen)}")
+            if before.inference.padding_mode != chosen.padding_mode and (before.metrics or before.field_of_view):
+                print(f"warning: the card's padding changed ({before.inference.padding_mode} → {chosen.padding_mode}); "
+                      f"its metrics and field of view were measured with the old one: measure them again "
+                      f"(python -m train evaluate / card-metrics --write-card, robustness --write-card)", file=sys.stderr)
         return 0
     if args.command == "choose-postprocessing":
         from pathlib import Path
