@@ -9,13 +9,14 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from SRCSMSegmenterLib.field_of_view import (DomainSlabs, FieldOfViewLimits, SlabMeasurement, format_mm,
-                                            models_holding_at, thin_view_warning, thinnest_extent_mm)
+from SRCSMSegmenterLib.field_of_view import (DomainSlabs, FieldOfViewLimits, SlabMeasurement, covers_slab, format_mm,
+                                            models_holding_at, thin_view_warning, thinnest_extent_mm, thinnest_view)
 from SRCSMSegmenterLib.image import read_volume, write_volume
 from SRCSMSegmenterLib.inference import Segmenter
 from SRCSMSegmenterLib.model_info import model_card_html, model_card_text
@@ -70,6 +71,29 @@ def test_of_two_datasets_of_one_modality_the_stricter_speaks():
     said = thin_view_warning(never, "CT", 70.0, "k (slice)", "m")
     assert "40 mm lost 0.300 Dice and left 2 structures empty; 90 mm lost 0.100 Dice" in said
     assert "missed the bar" in said and "up to 90 mm" in said
+
+
+def test_a_scan_as_thick_as_the_benchmarks_slab_is_not_told_it_is_thinner(real_case):
+    """The benchmark's "40 mm" slab keeps the slices whose centres lie within ±20 mm: four 9.99 mm
+    slices, 39.96 mm. Seen live (choose-padding on bSSFP): that very slab was warned about, with an
+    empty list of losses. A scan of as many slices of that spacing is what the benchmark measured."""
+    limits = FieldOfViewLimits(domains=(_domain("bSSFP", "MR", _slab(40, -0.01), _slab(60, 0.0)),), measured_by="t")
+    assert thin_view_warning(limits, "MR", 39.96, "k (slice)", "m", voxel_mm=9.99) is None
+    assert covers_slab(53.9, 60, 7.7) and not covers_slab(46.2, 60, 7.7)  # 7 slices of 7.7 mm are a 60 mm slab
+    assert not covers_slab(39.96, 40)  # a region of interest's box is not counted in slices
+    said = thin_view_warning(limits, "MR", 30.0, "k (slice)", "m", voxel_mm=10.0)
+    assert "nothing as thin was measured (the thinnest slab, 40 mm, held)" in said and ": ;" not in said
+    # through the real slab perturbation of a real case: the benchmark's slab is as thick as itself
+    image, label, _ = real_case("Dataset502", "chaos_01")
+    for mm in (40, 60, 90):
+        cut, _ = _slab_perturbation(mm).apply(read_volume(image), read_label_map(label), 0)
+        extent, _, voxel = thinnest_view(cut.geometry, cut.shape)
+        assert covers_slab(extent, mm, voxel), (mm, extent, voxel)
+        fewest = int(mm // voxel)  # the fewest slices the benchmark's slab holds at this spacing
+        assert covers_slab(fewest * voxel, mm, voxel) and not covers_slab((fewest - 1) * voxel, mm, voxel)
+    better = models_holding_at(53.9, "MR", "abdomen", [SimpleNamespace(id="b", anatomy="abdomen", field_of_view=FieldOfViewLimits(
+        domains=(_domain("MR set", "MR", _slab(40, -0.2), _slab(60, 0.0)),), measured_by="t"))], "a", voxel_mm=7.7)
+    assert better == [("b", 60.0)]
 
 
 def test_extent_is_physical_along_each_voxel_axis_and_cut_by_the_roi(real_case):

@@ -212,7 +212,8 @@ def _thin_view_fix(package, result) -> list[str]:
         cards = [e.card for e in _catalog().entries() if e.card is not None]
     except SRCSMError:  # a malformed catalogue must not cost the user the result
         return []
-    better = models_holding_at(extent, modality, card.anatomy, cards, card.id)  # type: ignore[arg-type]
+    better = models_holding_at(extent, modality, card.anatomy, cards, card.id,  # type: ignore[arg-type]
+                               result.thin_view_voxel_mm)
     if not better:
         return []
     names = "; ".join(f"`--model {model_id}` held it on {modality} slabs from {held:g} mm" for model_id, held in better)

@@ -17,6 +17,7 @@ is in view. Cards without the field (models released before it) give no warning.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -122,18 +123,30 @@ def format_mm(mm: float) -> str:
     return f"{mm:.1f}".removesuffix(".0")
 
 
-def thinnest_extent_mm(geometry: Geometry, shape_kji: Sequence[int],
-                       roi_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, str]:
-    """The thinnest physical extent of what the network gets to see, and which axis it is.
+def covers_slab(extent_mm: float, slab_mm: float, voxel_mm: float = 0.0) -> bool:
+    """Whether a view ``extent_mm`` thick (``voxel_mm``: its voxel size along that axis; 0 for a region
+    of interest's box) is at least as thick as the robustness benchmark's slab of ``slab_mm``.
 
-    Each voxel axis spans ``size × spacing`` (the field of view along it, whatever its direction); a
-    region of interest (LPS ``(lo, hi)``) cuts the image to its box, whose world-axis widths count too.
+    The benchmark's slab keeps the slices whose centres lie within ±slab/2 of the anatomy
+    (:func:`train.perturbations.slab`): at least ``floor(slab / voxel)`` slices of that spacing, so a
+    "40 mm" slab of 9.99 mm slices covers 39.96 mm and a "60 mm" slab of 7.7 mm slices 53.9 mm. A scan of
+    as many slices is what the benchmark measured, and must not be told it is thinner.
     """
+    if voxel_mm <= 0:
+        return extent_mm >= slab_mm - 1e-6
+    return extent_mm >= voxel_mm * math.floor(slab_mm / voxel_mm + 1e-6) - 1e-6
+
+
+def thinnest_view(geometry: Geometry, shape_kji: Sequence[int],
+                  roi_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, str, float]:
+    """:func:`thinnest_extent_mm` and the voxel size along that axis (0 where a region of interest's box
+    is the thinnest: its width is not counted in slices)."""
     k, j, i = (int(n) for n in shape_kji)
     extents = {"i": i * geometry.spacing[0], "j": j * geometry.spacing[1], "k": k * geometry.spacing[2]}
+    voxels = {"i": float(geometry.spacing[0]), "j": float(geometry.spacing[1]), "k": float(geometry.spacing[2])}
     names = {"i": "i (column)", "j": "j (row)", "k": "k (slice)"}
     axis = min(extents, key=extents.__getitem__)
-    extent, name = extents[axis], names[axis]
+    extent, name, voxel = extents[axis], names[axis], voxels[axis]
     if roi_bounds is not None:
         lo_img, hi_img = physical_bounds(geometry, (k, j, i))
         lo = np.maximum(np.asarray(roi_bounds[0], dtype=float), lo_img)
@@ -141,14 +154,26 @@ def thinnest_extent_mm(geometry: Geometry, shape_kji: Sequence[int],
         widths = np.maximum(hi - lo, 0.0)
         w = int(np.argmin(widths))
         if widths[w] < extent:
-            extent, name = float(widths[w]), f"{'LPS'[w]} (region of interest)"
-    return float(extent), name
+            extent, name, voxel = float(widths[w]), f"{'LPS'[w]} (region of interest)", 0.0
+    return float(extent), name, voxel
+
+
+def thinnest_extent_mm(geometry: Geometry, shape_kji: Sequence[int],
+                       roi_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, str]:
+    """The thinnest physical extent of what the network gets to see, and which axis it is.
+
+    Each voxel axis spans ``size × spacing`` (the field of view along it, whatever its direction); a
+    region of interest (LPS ``(lo, hi)``) cuts the image to its box, whose world-axis widths count too.
+    """
+    extent, name, _ = thinnest_view(geometry, shape_kji, roi_bounds)
+    return extent, name
 
 
 def thin_view_warning(limits: FieldOfViewLimits | None, modality: Modality | None, extent_mm: float, axis: str,
-                      model_id: str) -> str | None:
+                      model_id: str, voxel_mm: float = 0.0) -> str | None:
     """A warning when ``extent_mm`` is thinner than the thinnest slab from which on the model held the
-    bar on images of ``modality`` (None: thick enough, or the card measured nothing for it)."""
+    bar on images of ``modality`` (None: thick enough, or the card measured nothing for it);
+    ``voxel_mm``: the voxel size along that axis (:func:`covers_slab`)."""
     if limits is None or modality is None:
         return None
     domain = limits.limiting_domain(modality)
@@ -156,12 +181,13 @@ def thin_view_warning(limits: FieldOfViewLimits | None, modality: Modality | Non
         return None
     held = domain.held_from_mm(limits.max_dice_loss)
     thickest = domain.slabs[-1].thickness_mm
-    if held is not None and extent_mm >= held - 1e-6:
+    if held is not None and covers_slab(extent_mm, held, voxel_mm):
         return None
-    if held is None and extent_mm >= thickest - 1e-6:
+    if held is None and covers_slab(extent_mm, thickest, voxel_mm):
         return None  # thicker than anything measured: nothing known either way
     failing = [s for s in domain.slabs if held is None or s.thickness_mm < held]
-    measured = "; ".join(s.describe() for s in failing)
+    measured = ("; ".join(s.describe() for s in failing) if failing else
+                f"nothing as thin was measured (the thinnest slab, {domain.slabs[0].thickness_mm:g} mm, held)")
     after = (f"from {held:g} mm on it held the bar (at most {limits.max_dice_loss:g} Dice lost, nothing empty)"
              if held is not None else f"it missed the bar (at most {limits.max_dice_loss:g} Dice lost, nothing "
                                       f"empty) on every slab measured, up to {thickest:g} mm")
@@ -172,7 +198,7 @@ def thin_view_warning(limits: FieldOfViewLimits | None, modality: Modality | Non
 
 
 def models_holding_at(extent_mm: float, modality: Modality, anatomy: str, cards: Iterable[Any],
-                      exclude_id: str) -> list[tuple[str, float]]:
+                      exclude_id: str, voxel_mm: float = 0.0) -> list[tuple[str, float]]:
     """Other models of ``anatomy`` (cards: objects with ``id``, ``anatomy`` and ``field_of_view``) whose
     measured slabs on ``modality`` held the bar at ``extent_mm``: ``(id, held from mm)``, the thinnest
     first — the fix a thin-view warning can name."""
@@ -183,10 +209,10 @@ def models_holding_at(extent_mm: float, modality: Modality, anatomy: str, cards:
             continue
         domain = limits.limiting_domain(modality)
         held = None if domain is None else domain.held_from_mm(limits.max_dice_loss)
-        if held is not None and extent_mm >= held - 1e-6:
+        if held is not None and covers_slab(extent_mm, held, voxel_mm):
             out.append((card.id, held))
     return sorted(out, key=lambda x: (x[1], x[0]))
 
 
-__all__ = ["DomainSlabs", "FieldOfViewLimits", "MAX_DICE_LOSS", "SlabMeasurement", "format_mm", "models_holding_at",
-           "thin_view_warning", "thinnest_extent_mm"]
+__all__ = ["DomainSlabs", "FieldOfViewLimits", "MAX_DICE_LOSS", "SlabMeasurement", "covers_slab", "format_mm",
+           "models_holding_at", "thin_view_warning", "thinnest_extent_mm", "thinnest_view"]

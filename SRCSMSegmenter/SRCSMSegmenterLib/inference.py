@@ -24,7 +24,7 @@ import torch
 
 from .device import autocast, is_out_of_memory, memory_format, resolve_device, resolve_precision
 from .errors import CancelledError, InputError, SRCSMError
-from .field_of_view import thin_view_warning, thinnest_extent_mm
+from .field_of_view import thin_view_warning, thinnest_view
 from .image import Volume, validate_array
 from .matching import Modality, fit_raw_mapping, guess_modality, source_match
 from .modelpackage import ModelPackage
@@ -59,6 +59,7 @@ class SegmentationResult:
     # ``target_modality`` (the thin-view warning is among ``messages``); None when it was not. Front ends
     # name a better-suited model from these, so the decision is made once, here.
     thin_view_mm: float | None = None
+    thin_view_voxel_mm: float = 0.0  # the voxel size along that extent (0: a region of interest's box)
     target_modality: str | None = None  # the modality the source matching and the field-of-view check used
 
 
@@ -271,8 +272,8 @@ class Segmenter:
         needed = None if self.runs_whole_grid(grid.shape_kji) else needed_mask(grid, volume.geometry, volume.shape)
         timings["needed_mask_s"] = time.perf_counter() - t_mask
         timings["preprocess_s"] = time.perf_counter() - t0
-        extent_mm, axis = thinnest_extent_mm(volume.geometry, volume.shape, roi_bounds)
-        thin = thin_view_warning(self.card.field_of_view, self.last_modality, extent_mm, axis, self.card.id)
+        extent_mm, axis, voxel_mm = thinnest_view(volume.geometry, volume.shape, roi_bounds)
+        thin = thin_view_warning(self.card.field_of_view, self.last_modality, extent_mm, axis, self.card.id, voxel_mm)
         thin_view_mm = extent_mm if thin else None
         if thin:
             log.warning(thin)
@@ -322,7 +323,8 @@ class Segmenter:
             labelmap=Volume(labels, volume.geometry),
             device=str(device), precision=precision, source_matching=source_matching,
             normalization=norm, timings=timings, messages=messages, postprocessing=postprocessing.cli_value(),
-            strategy=self.last_strategy, thin_view_mm=thin_view_mm, target_modality=self.last_modality,
+            strategy=self.last_strategy, thin_view_mm=thin_view_mm,
+            thin_view_voxel_mm=voxel_mm if thin else 0.0, target_modality=self.last_modality,
         )
 
     def _argmax_in_input_grid(self, probs: np.ndarray, grid: Grid, volume: Volume) -> np.ndarray:
