@@ -12,6 +12,13 @@ import shlex
 import sys
 
 
+def _model_and_own_data(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a command that chooses a card setting on the model's own validation cases."""
+    parser.add_argument("model", help="model package folder (or catalogue id without --write-card)")
+    parser.add_argument("dataset", help="the model's own (source-domain) dataset")
+    parser.add_argument("--device", default="cpu")
+
+
 def add_parsers(sub) -> None:
     """Add the three subcommands to ``python -m train``'s subparsers."""
     r = sub.add_parser(
@@ -49,26 +56,21 @@ def add_parsers(sub) -> None:
     c = sub.add_parser("choose-postprocessing",
                        help="measure the inference strategies (whole grid, sliding window) and clean-ups on a "
                             "model's validation cases, pick the best pair, optionally write it into the card")
-    c.add_argument("model", help="model package folder (or catalogue id without --write-card)")
-    c.add_argument("dataset", help="the model's own (source-domain) dataset")
+    _model_and_own_data(c)
     c.add_argument("--split", default="val", help="comma-separated splits, e.g. val or val,test (default val)")
     c.add_argument("--limit", type=int, default=None)
-    c.add_argument("--device", default="cpu")
     c.add_argument("--out", default=None, help="JSON file for the measurements")
     c.add_argument("--strategies", default="whole_grid,sliding_window",
                    help="comma-separated inference strategies to compare (default: both)")
     c.add_argument("--write-card", action="store_true",
                    help="write the choice (inference.strategy and postprocessing) into MODEL/model.json")
 
-
     p = sub.add_parser("choose-padding",
                        help="measure constant and replicate padding of thin grids on slabs of a model's validation "
                             "cases, pick one, optionally write it into the card (inference.padding_mode)")
-    p.add_argument("model", help="model package folder (or catalogue id without --write-card)")
-    p.add_argument("dataset", help="the model's own (source-domain) dataset")
+    _model_and_own_data(p)
     p.add_argument("--split", default="val", help="split of the dataset (default val)")
     p.add_argument("--cases", type=int, default=None, help="the first N cases of the split (default: all)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="folder for the two robustness runs and choose-padding.json")
     p.add_argument("--write-card", action="store_true",
                    help="write the choice into MODEL/model.json (then measure the card's metrics and field of view "
