@@ -446,7 +446,7 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
         "perturbation costs (bold: a loss of 0.10 or more); **agree** is the Dice between the two predictions",
         "(1.00: the perturbation changed nothing); **empty** counts labels in view that the model left empty",
         "(cases × labels). Segmentation as `srcsm segment` runs it: source matching on, target modality",
-        "auto, the model card's clean-up.",
+        "auto, the model card's inference strategy, padding and clean-up.",
         "",
         f"**The bar** (issue 15): no perturbation costs more than {MAX_LOSS:.2f} Dice against the same view, except",
         " and ".join(f"`{p}`" for p in EXEMPT_FROM_LOSS) + ", and no setting leaves a label empty where it is in view.",
