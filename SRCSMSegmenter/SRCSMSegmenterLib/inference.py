@@ -106,7 +106,9 @@ class Segmenter:
         #: how a model grid smaller than the window is padded: ``constant`` (the grid's minimum) or
         #: ``replicate`` (its edge voxels), as the card says unless overridden (docs/benchmarks.md
         #: "Padding a thin scan")
-        self.padding_mode: str = self.card.inference.padding_mode if padding_mode == "card" else padding_mode
+        if padding_mode == "card":  # a card from before the field pads constantly (pydantic's default)
+            padding_mode = self.card.inference.padding_mode if self.card is not None else "constant"
+        self.padding_mode: str = padding_mode
         #: how the network ran in the last :meth:`segment` (the size limit or GPU memory can turn
         #: ``whole_grid`` into ``sliding_window``)
         self.last_strategy = self.strategy
