@@ -118,6 +118,47 @@ def test_fov_boxes_are_slabs_and_partial_views_that_hold_the_centre():
     assert FieldOfView(probability=0.0).box(shape, np.array([1, 1, 1]), spacing, rng) is None
 
 
+def test_log_uniform_extents_show_thin_slabs_more_often_and_uniform_keeps_v2_draws():
+    """``fov_length_sampling: log_uniform`` (recipe v3 lead): a BTCV-like 300 mm CT (100 slices of 3 mm)
+    gets a slab of at most 60 mm in ln(60/40)/ln(303/40) ≈ 20 % of its z crops, against 20/263 ≈ 8 % when
+    drawn uniformly; both stay within [40 mm, the whole scan] and hold the patch centre. ``uniform`` must
+    draw exactly as recipe v2 did (one integer per axis), so that v2 runs resume on the same sequence."""
+    from train.trainer import FieldOfView
+
+    shape, spacing, centre = (100, 64, 64), np.array([3.0, 6.0, 6.0]), np.array([50, 32, 32])
+
+    def z_extents(sampling: str, n: int = 3000) -> np.ndarray:
+        fov, rng = FieldOfView(1.0, 40.0, 0.5, sampling), np.random.default_rng(1)
+        out = []
+        for _ in range(n):
+            lo, hi = fov.box(shape, centre, spacing, rng)
+            assert np.all(lo <= centre) and np.all(centre < hi) and np.all(lo >= 0) and np.all(hi <= shape)
+            if hi[0] - lo[0] < shape[0] or lo[0] > 0:
+                out.append((hi[0] - lo[0]) * spacing[0])
+        return np.array(out)
+
+    uniform, log_uniform = z_extents("uniform"), z_extents("log_uniform")
+    for extents in (uniform, log_uniform):
+        assert extents.min() >= 39.0 and extents.max() <= 300.0
+    thin_u, thin_l = np.mean(uniform <= 60.0), np.mean(log_uniform <= 60.0)
+    assert 0.05 < thin_u < 0.12 and 0.16 < thin_l < 0.26, (thin_u, thin_l)
+    assert np.median(log_uniform) < np.median(uniform) - 40.0
+
+    # uniform = recipe v2's draws: crop choice, then one integer per cropped axis for extent and start
+    fov, rng, twin = FieldOfView(1.0, 40.0, 0.5), np.random.default_rng(7), np.random.default_rng(7)
+    for _ in range(50):
+        lo, hi = fov.box(shape, centre, spacing, rng)
+        twin.random()
+        crop_z, crop_xy = [(True, True), (True, False), (False, True)][twin.integers(3)]
+        for axis in range(3):
+            if (axis == 0 and crop_z) or (axis > 0 and crop_xy):
+                smallest = min(shape[axis], max(1, int(round(40.0 / spacing[0])))) if axis == 0 else \
+                    min(shape[axis], max(1, int(round(0.5 * shape[axis]))))
+                length = int(twin.integers(smallest, shape[axis] + 1))
+                start = int(twin.integers(max(0, centre[axis] - length + 1), min(centre[axis], shape[axis] - length) + 1))
+                assert (lo[axis], hi[axis]) == (start, start + length)
+
+
 def test_fov_crop_pads_outside_the_box_as_inference_pads_and_renormalises_mr(cached_case):
     """Outside the box the patch must be exactly the fill value and background; inside, the case's voxels.
     For a percentile-normalised modality (MR) the affine is that of what the box shows."""
@@ -219,6 +260,19 @@ def test_v2_tiny_run_trains_padding_both_ways(tmp_path):
     assert saved["fov_padding"] == ["constant", "replicate"]
     older = {k: v for k, v in saved.items() if k != "fov_padding"}  # a run's config.json from before the key
     assert TrainConfig.model_validate(older).fov_padding == ["constant"]  # as it was trained
+
+
+def test_v2_tiny_run_draws_fov_extents_as_its_recipe_says(tmp_path):
+    from train.trainer import Trainer
+
+    cfg = _tiny_config(tmp_path, fov_augmentation=1.0, fov_length_sampling="log_uniform", iterations=2)
+    trainer = Trainer(cfg, log=lambda m: None)
+    trainer.fit()
+    assert trainer.sampler.fov.length_sampling == "log_uniform"
+    saved = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert saved["fov_length_sampling"] == "log_uniform"
+    older = {k: v for k, v in saved.items() if k != "fov_length_sampling"}  # config.json from before the key
+    assert TrainConfig.model_validate(older).fov_length_sampling == "uniform"  # as v2 runs were drawn
 
 
 # ----------------------------------------------------------------------------------- network

@@ -69,7 +69,8 @@ PUBLISHED = {"ct2mr": ("SLAug (AAAI 2023, 2D)", 88.6), "mr2ct": ("SLAug (AAAI 20
 _TRAINING_KEYS = ("train_split", "val_split", "spacing", "patch_size", "network", "normalization",
                   "pre_smoothing_mm", "augmentation", "spatial_augmentation", "intensity_augmentation",
                   "crop_margin", "landmark_sampling", "foreground_oversampling", "fov_augmentation",
-                  "fov_min_slab_mm", "fov_min_inplane", "fov_padding", "loss", "batch_size", "learning_rate", "lr_schedule",
+                  "fov_min_slab_mm", "fov_min_inplane", "fov_length_sampling", "fov_padding", "loss",
+                  "batch_size", "learning_rate", "lr_schedule",
                   "warmup_iterations", "l2", "ema_decay", "clip_factor", "consistency_weight",
                   "precision", "seed")
 

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -191,6 +191,17 @@ class FieldOfView:
     probability: float = 0.0
     min_slab_mm: float = 40.0
     min_inplane: float = 0.5
+    #: how a box's extent is drawn between its smallest and the full extent: ``uniform`` (recipe v2) or
+    #: ``log_uniform`` (recipe v3 lead), which shows thin views as often as their share of the range's
+    #: ratio, not of its length: on a 300 mm CT a slab of ≤ 60 mm is 8 % of uniform draws, 20 % of
+    #: log-uniform ones — and the benchmark's losses are on those thinnest slabs (docs/recipe-v2.md).
+    length_sampling: Literal["uniform", "log_uniform"] = "uniform"
+
+    def _length(self, smallest: int, full: int, rng: np.random.Generator) -> int:
+        if self.length_sampling == "uniform":  # one integer draw, as recipe v2 runs were drawn (they resume)
+            return int(rng.integers(smallest, full + 1))
+        # log-uniform over [smallest, full + 1): each octave of extents equally likely
+        return min(full, int(np.exp(rng.uniform(np.log(smallest), np.log(full + 1)))))
 
     def box(self, shape: tuple[int, ...], centre: np.ndarray, spacing_kji: np.ndarray,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
@@ -209,7 +220,7 @@ class FieldOfView:
                 smallest = min(full, max(1, int(round(self.min_inplane * full))))
             else:
                 continue
-            length = int(rng.integers(smallest, full + 1))
+            length = self._length(smallest, full, rng)
             c = int(np.clip(centre[axis], 0, full - 1))
             first = max(0, c - length + 1)
             last = min(c, full - length)
@@ -726,7 +737,7 @@ class Trainer:
                      f"{len(self.val_data)} validation cases; training {cfg.model.id} [{cfg.augmentation}] from "
                      f"iteration {self.iteration} to {end_at} on {self.device} ({self.precision}, "
                      f"{torch.get_num_threads()} threads)")
-        fov = FieldOfView(cfg.fov_augmentation, cfg.fov_min_slab_mm, cfg.fov_min_inplane)
+        fov = FieldOfView(cfg.fov_augmentation, cfg.fov_min_slab_mm, cfg.fov_min_inplane, cfg.fov_length_sampling)
         self.sampler = PatchSampler(self.train_data, self.crop_kji, cfg.foreground_oversampling, self.rng,
                                     cfg.landmark_sampling, fov=fov, spacing_kji=tuple(reversed(cfg.spacing)),
                                     norm=self.norm, paddings=cfg.fov_padding)
