@@ -155,7 +155,8 @@ def test_log_uniform_extents_show_thin_slabs_more_often_and_uniform_keeps_v2_dra
                 smallest = min(shape[axis], max(1, int(round(40.0 / spacing[0])))) if axis == 0 else \
                     min(shape[axis], max(1, int(round(0.5 * shape[axis]))))
                 length = int(twin.integers(smallest, shape[axis] + 1))
-                start = int(twin.integers(max(0, centre[axis] - length + 1), min(centre[axis], shape[axis] - length) + 1))
+                first, last = max(0, centre[axis] - length + 1), min(centre[axis], shape[axis] - length)
+                start = int(twin.integers(first, last + 1))
                 assert (lo[axis], hi[axis]) == (start, start + length)
 
 

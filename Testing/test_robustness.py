@@ -13,8 +13,8 @@ import pytest
 from SRCSMSegmenterLib.image import Volume, read_volume
 from train import perturbations as P
 from train.metrics import read_label_map
-from train.robustness import (UNPERTURBED, bar_failures, load_results, match_previous, run_robustness,
-                              summarize, write_report)
+from train.robustness import (UNPERTURBED, bar_failures, empty_details, load_results, match_previous,
+                              run_robustness, summarize, write_report)
 
 MODELS = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
@@ -205,6 +205,12 @@ def test_end_to_end_run_scores_each_perturbation_in_its_own_view(small_run, shar
         assert whole[v]["ref_voxels"] == int((ref.array == v).sum())
         assert 0 < slab[v]["ref_voxels"] < whole[v]["ref_voxels"]
         assert whole[v]["agreement"] == 1.0 and whole[v]["dice"] == whole[v]["dice_unperturbed"]
+        # how much of the label is in view, physically: the whole scan holds it all, the slab a part
+        organ_ml = int((ref.array == v).sum()) * float(np.prod(ref.geometry.spacing)) / 1000.0
+        assert whole[v]["organ_ml"] == pytest.approx(organ_ml)
+        assert slab[v]["organ_ml"] == pytest.approx(organ_ml)
+        assert whole[v]["ref_ml"] == pytest.approx(organ_ml)
+        assert 0 < slab[v]["ref_ml"] < organ_ml
     # physical no-ops give the unperturbed result: a flipped storage order and a header scale
     for p in ("flip_k", "scale_1e4"):
         for r in (r for r in rows if r["perturbation"] == p):
@@ -235,6 +241,32 @@ def test_report_is_written_from_the_results_deterministically(small_run, tmp_pat
     with pytest.raises(ValueError, match="robustness.json"):
         write_report([tmp_path], md, tmp_path / "docs" / "figures")
     assert json.loads((small_run / "robustness.json").read_text(encoding="utf-8"), parse_constant=float)
+
+
+def test_report_says_how_much_of_a_label_left_empty_was_in_view(small_run, tmp_path):
+    """An empty label is listed with its case and how much of it the view held, so a sliver at a slab's
+    edge reads differently from a missed organ; results from before ``ref_ml`` name voxels."""
+    result = load_results([small_run])[0]
+    assert empty_details(result) == [] or all("mL in view" in e for e in empty_details(result))
+    slab_row = next(r for r in result["rows"] if r["perturbation"] == "slab_40mm" and r["label"] == 1)
+    emptied = json.loads(json.dumps(result))
+    for r in emptied["rows"]:
+        r["empty_in_view"] = r["perturbation"] == "slab_40mm" and r["label"] == 1
+        r["pred_voxels"] = 0 if r["empty_in_view"] else r["pred_voxels"]
+    share = slab_row["ref_ml"] / slab_row["organ_ml"]
+    name = result["meta"]["labels"]["1"]
+    assert empty_details(emptied) == [f"`slab_40mm` pat_06 {name} ({slab_row['ref_ml']:.1f} mL in view, "
+                                      f"{share:.0%} of its {slab_row['organ_ml']:.0f} mL)"]
+    older = json.loads(json.dumps(emptied))
+    for r in older["rows"]:
+        del r["ref_ml"], r["organ_ml"]
+    assert empty_details(older) == [f"`slab_40mm` pat_06 {name} ({slab_row['ref_voxels']} voxels in view)"]
+    folder = tmp_path / "emptied"
+    folder.mkdir()
+    (folder / "robustness.json").write_text(json.dumps(emptied), encoding="utf-8")
+    md = write_report([folder], tmp_path / "r.md", tmp_path / "fig", log=lambda m: None)
+    text = md.read_text(encoding="utf-8")
+    assert "Left empty where in view: " + empty_details(emptied)[0] + "." in text
 
 
 def _setting(dice: float, same_view: float, empty: int = 0, in_view: int = 3) -> dict:

@@ -12,7 +12,10 @@ slab. Next to each perturbed Dice it records
   same way: what the model achieves on *the same view* without the perturbation;
 * ``agreement`` — Dice between the perturbed and the carried unperturbed prediction (1 = the
   perturbation changed nothing; a raw-HU CT must give its clipped twin's result);
-* ``empty_in_view`` — the label is in the reference's view but the prediction has none of it.
+* ``empty_in_view`` — the label is in the reference's view but the prediction has none of it;
+* ``ref_ml`` and ``organ_ml`` — how much of the label the view holds and the whole label in the
+  unperturbed case (mL), so that the report can say whether an empty label was a sliver at the view's
+  edge or the whole organ (the bar counts both).
 
 It writes ``DIR/robustness.json`` (meta + rows) and ``DIR/rows.csv``. ``python -m train robustness
 --report DIR [DIR …] --markdown docs/robustness.md --figures docs/figures`` turns any number of such
@@ -80,12 +83,27 @@ def _agreement(a: np.ndarray, b: np.ndarray, value: int) -> float:
     return math.nan if n == 0 else 2.0 * int((ma & mb).sum()) / n
 
 
-def _rows_for(prediction: Volume, reference: Volume, baseline: Volume, names: dict[int, str]) -> list[dict]:
-    """Scores of one (perturbed) prediction: evaluate_case rows plus the same-view baseline and the
-    agreement with it."""
+def voxel_ml(volume: Volume) -> float:
+    """The physical volume of one voxel of ``volume``, in millilitres."""
+    return float(np.prod(volume.geometry.spacing)) / 1000.0
+
+
+def label_volumes_ml(labels: Volume, names: dict[int, str]) -> dict[int, float]:
+    """Each label's physical volume (mL) in a label map."""
+    ml = voxel_ml(labels)
+    return {int(v): int(np.count_nonzero(labels.array == v)) * ml for v in names}
+
+
+def _rows_for(prediction: Volume, reference: Volume, baseline: Volume, names: dict[int, str],
+              organ_ml: dict[int, float]) -> list[dict]:
+    """Scores of one (perturbed) prediction: evaluate_case rows plus the same-view baseline, the
+    agreement with it and how much of each label is in view (``organ_ml``: the unperturbed case's)."""
     rows = evaluate_case(prediction, reference, names)
     base = {r["label"]: r for r in evaluate_case(baseline, reference, names)}
+    ml = voxel_ml(reference)
     for r in rows:
+        r["ref_ml"] = r["ref_voxels"] * ml
+        r["organ_ml"] = organ_ml[int(r["label"])]
         r["dice_unperturbed"] = base[r["label"]]["dice"]
         r["hd95_unperturbed"] = base[r["label"]]["hd95"]
         r["agreement"] = _agreement(prediction.array, baseline.array, r["label"])
@@ -125,9 +143,10 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
     for case in chosen:
         image = read_volume(case.image)
         reference = read_label_map(case.label)
+        organ_ml = label_volumes_ml(reference, names)
         t = time.perf_counter()
         pred0 = segment(image)
-        for r in _rows_for(pred0, reference, pred0, names):
+        for r in _rows_for(pred0, reference, pred0, names, organ_ml):
             rows.append(dict(r, case=case.id, perturbation=UNPERTURBED, seconds=time.perf_counter() - t))
         for p in perts:
             t = time.perf_counter()
@@ -135,7 +154,7 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
             pred = segment(img_p)
             same_grid = img_p.geometry.almost_equal(image.geometry, 1e-6) and img_p.shape == image.shape
             baseline = pred0 if same_grid else follow_labels(pred0, img_p.geometry, img_p.shape)
-            for r in _rows_for(pred, ref_p, baseline, names):
+            for r in _rows_for(pred, ref_p, baseline, names, organ_ml):
                 rows.append(dict(r, case=case.id, perturbation=p.name, seconds=time.perf_counter() - t))
             del img_p, ref_p, pred, baseline
         mean = np.nanmean([r["dice"] for r in rows if r["case"] == case.id and r["perturbation"] == UNPERTURBED])
@@ -220,6 +239,26 @@ def summarize(result: dict) -> dict[str, dict]:
             "empty": sum(v["empty"] for v in labels.values()), "in_view": sum(v["in_view"] for v in labels.values()),
             "labels": labels,
         }
+    return out
+
+
+def empty_details(result: dict) -> list[str]:
+    """One line per label left empty where it is in view: the perturbation, the case, the label and how
+    much of it the view held (mL and share of the whole label; voxels for results from before
+    ``ref_ml`` was recorded). A reader tells a sliver at a slab's edge from a missed organ; the bar
+    counts both."""
+    names = result["meta"]["labels"]
+    out = []
+    for r in result["rows"]:
+        if not r.get("empty_in_view"):
+            continue
+        name = names.get(str(r["label"]), str(r["label"]))
+        if r.get("ref_ml") is not None and r.get("organ_ml"):
+            share = r["ref_ml"] / r["organ_ml"]
+            held = f"{r['ref_ml']:.1f} mL in view, {share:.0%} of its {r['organ_ml']:.0f} mL"
+        else:
+            held = f"{r['ref_voxels']} voxels in view"
+        out.append(f"`{r['perturbation']}` {r['case']} {name} ({held})")
     return out
 
 
@@ -521,6 +560,9 @@ def markdown(results: list[dict], figure_paths: dict[str, Path], markdown_path: 
                              f"{_delta(v['dice'], v['dice_unperturbed'])} | {_f(v['agreement'])} | "
                              f"{v['empty']}/{v['in_view']} | " + prev_cells + " | ".join(per_label) + " |")
             lines.append("")
+            empties = empty_details(result)
+            if empties:
+                lines += ["Left empty where in view: " + "; ".join(empties) + ".", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -546,4 +588,5 @@ def write_report(folders: Sequence[str | os.PathLike[str]], markdown_path: str |
     return markdown_path
 
 
-__all__ = ["PERTURBATIONS", "bar_failures", "figure", "load_results", "markdown", "match_previous", "run_robustness", "summarize", "write_report"]
+__all__ = ["PERTURBATIONS", "bar_failures", "empty_details", "figure", "load_results", "markdown", "match_previous",
+           "run_robustness", "summarize", "write_report"]
