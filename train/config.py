@@ -67,8 +67,8 @@ class TrainConfig(BaseModel):
         "uniform",
         description="how a field-of-view box's extent is drawn between its smallest (fov_min_slab_mm, "
                     "fov_min_inplane) and the whole case: uniform (recipe v2) or log_uniform, which shows the "
-                    "thinnest views — where the robustness benchmark's losses are — about 2.5× as often "
-                    "(recipe v3 lead, docs/recipe-v2.md)")
+                    "thinnest views — where the robustness benchmark's losses are — about 2.5× as often on "
+                    "abdominal scans (recipe v3 lead, docs/recipe-v2.md)")
     fov_padding: list[Literal["constant", "replicate"]] = Field(
         default_factory=lambda: ["constant"], min_length=1,
         description="how a patch is filled beyond what the case (or its field-of-view box) shows, one drawn per "
