@@ -47,6 +47,7 @@ from SRCSMSegmenterLib.catalog import Catalog
 from SRCSMSegmenterLib.field_of_view import MAX_DICE_LOSS, DomainSlabs, FieldOfViewLimits, SlabMeasurement
 from SRCSMSegmenterLib.image import Volume, atomic_output, read_volume
 from SRCSMSegmenterLib.inference import Segmenter
+from SRCSMSegmenterLib.plausibility import voxel_ml
 from SRCSMSegmenterLib.postprocess import resolve as resolve_postprocessing
 
 from .datasets import load_dataset
@@ -83,27 +84,17 @@ def _agreement(a: np.ndarray, b: np.ndarray, value: int) -> float:
     return math.nan if n == 0 else 2.0 * int((ma & mb).sum()) / n
 
 
-def voxel_ml(volume: Volume) -> float:
-    """The physical volume of one voxel of ``volume``, in millilitres."""
-    return float(np.prod(volume.geometry.spacing)) / 1000.0
-
-
-def label_volumes_ml(labels: Volume, names: dict[int, str]) -> dict[int, float]:
-    """Each label's physical volume (mL) in a label map."""
-    ml = voxel_ml(labels)
-    return {int(v): int(np.count_nonzero(labels.array == v)) * ml for v in names}
-
-
 def _rows_for(prediction: Volume, reference: Volume, baseline: Volume, names: dict[int, str],
-              organ_ml: dict[int, float]) -> list[dict]:
+              organ_ml: dict[int, float] | None = None) -> list[dict]:
     """Scores of one (perturbed) prediction: evaluate_case rows plus the same-view baseline, the
-    agreement with it and how much of each label is in view (``organ_ml``: the unperturbed case's)."""
+    agreement with it and how much of each label is in view (``organ_ml``: the whole label in the
+    unperturbed case; None for the unperturbed case itself, whose view holds all of it)."""
     rows = evaluate_case(prediction, reference, names)
     base = {r["label"]: r for r in evaluate_case(baseline, reference, names)}
     ml = voxel_ml(reference)
     for r in rows:
         r["ref_ml"] = r["ref_voxels"] * ml
-        r["organ_ml"] = organ_ml[int(r["label"])]
+        r["organ_ml"] = r["ref_ml"] if organ_ml is None else organ_ml[int(r["label"])]
         r["dice_unperturbed"] = base[r["label"]]["dice"]
         r["hd95_unperturbed"] = base[r["label"]]["hd95"]
         r["agreement"] = _agreement(prediction.array, baseline.array, r["label"])
@@ -143,10 +134,11 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
     for case in chosen:
         image = read_volume(case.image)
         reference = read_label_map(case.label)
-        organ_ml = label_volumes_ml(reference, names)
         t = time.perf_counter()
         pred0 = segment(image)
-        for r in _rows_for(pred0, reference, pred0, names, organ_ml):
+        unperturbed = _rows_for(pred0, reference, pred0, names)
+        organ_ml = {int(r["label"]): r["organ_ml"] for r in unperturbed}
+        for r in unperturbed:
             rows.append(dict(r, case=case.id, perturbation=UNPERTURBED, seconds=time.perf_counter() - t))
         for p in perts:
             t = time.perf_counter()

@@ -42,13 +42,18 @@ class TrainingLabelStats(BaseModel):
     labels: dict[str, StructureStats] = Field(description="by label name, as in the label table")
 
 
+def voxel_ml(volume: Volume) -> float:
+    """The physical volume of one voxel of ``volume``, in millilitres."""
+    return float(np.prod(volume.geometry.spacing)) / 1000.0
+
+
 def label_volumes_ml(labelmap: Volume, table: LabelTable) -> dict[str, float]:
     """Volume (ml) of each label of ``table`` in ``labelmap`` (0 when absent)."""
-    voxel_ml = float(np.prod(labelmap.geometry.spacing)) / 1000.0
+    ml = voxel_ml(labelmap)
     array = np.asarray(labelmap.array)
     # one comparison per label on the label map's own (small) type: a bincount would first copy a
     # 512×512×300 map to int64 (0.6 GB, most of a second)
-    return {lab.name: float(np.count_nonzero(array == lab.value)) * voxel_ml for lab in table.labels}
+    return {lab.name: float(np.count_nonzero(array == lab.value)) * ml for lab in table.labels}
 
 
 def measure_label_stats(labelmaps: Iterable[Volume], table: LabelTable) -> TrainingLabelStats:
@@ -123,4 +128,4 @@ def check_segmentation(labelmap: Volume, table: LabelTable, stats: TrainingLabel
 
 
 __all__ = ["Alternative", "StructureStats", "TrainingLabelStats", "check_segmentation", "label_volumes_ml",
-           "measure_label_stats"]
+           "measure_label_stats", "voxel_ml"]
