@@ -336,6 +336,48 @@ def test_v2_recipes_are_what_issue_15_asks_for(recipe):
         assert cfg.normalization is not None and cfg.normalization.exclude_minimum
 
 
+V3_RECIPES = sorted((REPO / "train" / "recipes").glob("*_v3_cpu.yaml"))
+
+
+@pytest.mark.parametrize("recipe", V3_RECIPES, ids=[r.stem for r in V3_RECIPES])
+def test_v3_recipes_are_v2_plus_the_two_thin_view_leads(recipe):
+    """Each v3 recipe names its v2 recipe as ``base:`` and changes exactly the field-of-view sampling, the
+    padding of patches and where the run goes — nothing of v2 is restated (one definition)."""
+    v2 = load_config(recipe.with_name(recipe.name.replace("_v3_", "_v2_"))).model_dump()
+    v3 = load_config(recipe).model_dump()
+    changed = {k for k in v2 if v2[k] != v3[k]}
+    assert changed == {"fov_length_sampling", "fov_padding", "output_dir"}
+    assert v3["fov_length_sampling"] == "log_uniform" and v3["fov_padding"] == ["constant", "replicate"]
+    assert v3["output_dir"].endswith("-v3") and v3["output_dir"] != v2["output_dir"]
+    assert len(V3_RECIPES) == 3
+
+
+def test_recipe_base_merges_mappings_chains_and_names_what_is_wrong(tmp_path):
+    from train.config import read_recipe
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("iterations: 10\nmodel: {id: a, name: A, anatomy: abdomen}\n"
+                                     "network: {architecture: srcsm_unet, parameters: {channels: [4, 8], "
+                                     "dropout: 0.1}}\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nmodel: {id: b}\nnetwork: {parameters: "
+                                             "{dropout: 0.0}}\nseed: 5\n")
+    (tmp_path / "sub" / "c.yaml").write_text("base: b.yaml\niterations: 20\n")
+    c = read_recipe(tmp_path / "sub" / "c.yaml")
+    # nested mappings merge key by key through the chain; plain values are replaced
+    assert c["model"] == {"id": "b", "name": "A", "anatomy": "abdomen"}
+    assert c["network"]["parameters"] == {"channels": [4, 8], "dropout": 0.0}
+    assert c["iterations"] == 20 and c["seed"] == 5 and "base" not in c
+    # the files are left as they were
+    assert read_recipe(tmp_path / "a.yaml")["iterations"] == 10
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ValueError, match="base 'missing.yaml' does not exist"):
+        read_recipe(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("base: f.yaml\n")
+    (tmp_path / "f.yaml").write_text("base: e.yaml\n")
+    with pytest.raises(ValueError, match=r"cycle \(e.yaml → f.yaml → e.yaml\)"):
+        read_recipe(tmp_path / "e.yaml")
+
+
 # ------------------------------------------------------------- normalisation that ignores empty space
 def _affine_on_model_grid(volume, norm):
     from SRCSMSegmenterLib.normalization import intensity_affine

@@ -123,17 +123,53 @@ class TrainConfig(BaseModel):
         return self.model_copy(update=updates)
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    path = Path(path)
+def _read_recipe(path: Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+        return tomllib.loads(text)
+    if path.suffix == ".json":
+        return json.loads(text)
+    import yaml
 
-        data = yaml.safe_load(text)
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} does not hold a mapping of settings (got {type(data).__name__})")
+    return data
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings (``model``, ``network``, ``normalization``) merge key by key, any
+    other value replaces the base's."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's settings with its ``base:`` recipes folded in.
+
+    ``base: other_recipe.yaml`` (a path relative to the recipe's folder) makes a recipe a difference from
+    another one, so a new recipe states only what it changes (recipe v3 = v2 + two sampling settings) and
+    v2's settings keep one definition. Bases chain; a cycle or a missing base is an error naming the file.
+    """
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " → ".join(p.name for p in (*_seen, path))
+        raise ValueError(f"recipe bases form a cycle ({chain}); remove one 'base:'")
+    data = _read_recipe(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / str(base)).resolve()
+    if not base_path.is_file():
+        raise ValueError(f"recipe {path.name}: its base '{base}' does not exist (looked for {base_path}); "
+                         f"a base is named relative to the recipe's own folder")
+    return _merge(read_recipe(base_path, (*_seen, path)), data)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    data = read_recipe(path)
     for key, value in (overrides or {}).items():
         target = data
         parts = key.split(".")
