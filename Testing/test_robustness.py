@@ -187,6 +187,50 @@ def small_run(tmp_path_factory, shared_data):
     return out
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_at_its_first_unfinished_case(shared_data, tmp_path):
+    """A run stopped after its first case (here: by its log, as a session's end or Ctrl-C stops it) keeps
+    that case; run again with the same model and settings it measures only the rest and its result is the
+    uninterrupted run's. Other settings (a seed) measure every case again; a complete run leaves no
+    partial cases behind."""
+    model, data = MODELS / "abdomen-mr-srcsm", shared_data / "Dataset502_AbdomenMRT2"
+    kw = dict(split="test", cases=2, perturbations=["flip_k"], device="cpu", command="test")
+
+    def stop_after_first_case(message: str) -> None:
+        if "unperturbed mean Dice" in message:
+            raise _Stop(message)
+
+    out = tmp_path / "rob"
+    with pytest.raises(_Stop):
+        run_robustness(model, data, out, log=stop_after_first_case, **kw)
+    assert not (out / "robustness.json").exists()
+    kept = json.loads(next((out / "partial").glob("*.json")).read_text(encoding="utf-8"))
+    first = kept["case"]
+
+    messages: list[str] = []
+    result = run_robustness(model, data, out, log=messages.append, **kw)
+    assert result["meta"]["resumed_cases"] == [first]
+    assert sum("kept from an interrupted run" in m for m in messages) == 1
+    assert sum("unperturbed mean Dice" in m for m in messages) == 1  # only the second case is measured
+    assert not (out / "partial").exists()
+    # the kept rows are those measured before the stop (their timings too), the second case measured now
+    rows = result["rows"]
+    assert [r for r in rows if r["case"] == first] == kept["rows"]
+    assert len({r["case"] for r in rows}) == 2 and {r["perturbation"] for r in rows} == {UNPERTURBED, "flip_k"}
+    for r in rows:  # a storage flip changes nothing, so both cases are real, consistent results
+        assert r["agreement"] >= 0.99 and r["dice"] > 0.5
+
+    # a partial case measured under other settings is not taken
+    with pytest.raises(_Stop):
+        run_robustness(model, data, tmp_path / "rob2", log=stop_after_first_case, **kw)
+    other: list[str] = []
+    run_robustness(model, data, tmp_path / "rob2", log=other.append, **{**kw, "seed": 1})
+    assert not any("kept from" in m for m in other)
+
+
 def test_end_to_end_run_scores_each_perturbation_in_its_own_view(small_run, shared_data):
     result = load_results([small_run])[0]
     meta, rows = result["meta"], result["rows"]

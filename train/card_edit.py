@@ -16,6 +16,10 @@ from typing import Any
 
 from SRCSMSegmenterLib.modelpackage import MODEL_JSON, read_card_bytes
 
+#: Card fields that decide what a measurement of a package measured (the rest — metrics, description,
+#: performance — does not): a release's steps and a robustness run's finished cases are keyed on them.
+MEASURED_CARD_FIELDS = ("weights", "inference", "postprocessing", "normalization", "spacing", "network")
+
 
 def _set_field(text: str, key: str, value: Any, path: Path) -> str:
     """``text`` (a model.json) with its top-level ``key`` set to ``value``, as a text edit; a new field

@@ -54,14 +54,12 @@ from SRCSMSegmenterLib.errors import InputError
 from SRCSMSegmenterLib.image import atomic_output
 from SRCSMSegmenterLib.modelpackage import MODEL_JSON, WEIGHTS_FILE, load_package, swap_folder_in
 
-from .card_edit import set_card_fields
+from .card_edit import MEASURED_CARD_FIELDS, set_card_fields
 from .card_metrics import card_metrics
 from .config import TrainConfig
 from .datasets import Dataset, load_dataset
 
 STEPS_FILE = "steps.json"
-#: Card fields that decide what a measurement measured (the rest — metrics, description — does not)
-_MEASURED_FIELDS = ("weights", "inference", "postprocessing", "normalization", "spacing", "network")
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,7 @@ class ReleasePlan:
 def card_fingerprint(package_dir: Path) -> str:
     """sha256 over the card fields that decide what a measurement of this package measured."""
     card = json.loads((Path(package_dir) / MODEL_JSON).read_text(encoding="utf-8"))
-    blob = json.dumps({k: card.get(k) for k in _MEASURED_FIELDS}, sort_keys=True).encode()
+    blob = json.dumps({k: card.get(k) for k in MEASURED_CARD_FIELDS}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 

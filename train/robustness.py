@@ -17,7 +17,11 @@ slab. Next to each perturbed Dice it records
   unperturbed case (mL), so that the report can say whether an empty label was a sliver at the view's
   edge or the whole organ (the bar counts both).
 
-It writes ``DIR/robustness.json`` (meta + rows) and ``DIR/rows.csv``. ``python -m train robustness
+It writes ``DIR/robustness.json`` (meta + rows) and ``DIR/rows.csv``. Each finished case is kept in
+``DIR/partial/`` until the run completes, keyed on what decides its rows (the card's measured fields,
+clean-up, padding, perturbations, seed, source matching, device and precision): a run that stopped — a
+cardiac release's robustness step is ≈ 25 min per domain on a 2-core CPU, longer than what a session has
+left — resumes at the first unfinished case when it is run again with the same settings. ``python -m train robustness
 --report DIR [DIR …] --markdown docs/robustness.md --figures docs/figures`` turns any number of such
 folders into one Markdown report with one figure per model (``robustness_<model>.png``), an overview
 against the bar a released model must clear (:func:`bar_failures`) and, with ``--previous DIR …``, an
@@ -31,6 +35,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import shutil
 import os
 import platform
 import re
@@ -50,6 +55,7 @@ from SRCSMSegmenterLib.inference import Segmenter
 from SRCSMSegmenterLib.plausibility import voxel_ml
 from SRCSMSegmenterLib.postprocess import resolve as resolve_postprocessing
 
+from .card_edit import MEASURED_CARD_FIELDS
 from .datasets import load_dataset
 from .evaluate import card_padding, check_label_values, padded_as_card
 from .metrics import evaluate_case, read_label_map
@@ -102,6 +108,44 @@ def _rows_for(prediction: Volume, reference: Volume, baseline: Volume, names: di
     return rows
 
 
+PARTIAL_DIR = "partial"
+
+
+def _settings_key(package, **settings) -> str:
+    """sha256 over what decides a case's rows: the card's measured fields and the run's settings."""
+    card = package.card.model_dump(mode="json")
+    blob = json.dumps({"card": {k: card.get(k) for k in MEASURED_CARD_FIELDS}, **settings}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _Partial:
+    """The finished cases of a run not yet complete (``DIR/partial/<case>.json``), each with the key of the
+    settings it was measured under; a case measured under other settings is measured again."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = folder, key
+
+    def _file(self, case_id: str) -> Path:
+        return self.folder / f"{case_id}.json"
+
+    def rows(self, case_id: str) -> list[dict] | None:
+        try:
+            saved = json.loads(self._file(case_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return saved["rows"] if saved.get("key") == self.key and saved.get("case") == case_id else None
+
+    def keep(self, case_id: str, rows: list[dict]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self._file(case_id)) as tmp:
+            Path(tmp).write_text(json.dumps({"key": self.key, "case": case_id, "rows": rows},
+                                            default=_json_default) + "\n", encoding="utf-8")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    split: str = "test", cases: int | None = 3, case_ids: Sequence[str] | None = None,
                    perturbations: Sequence[str] | None = None, device: str = "cpu", postprocess: str = "card",
@@ -131,7 +175,20 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
         return segmenter.segment(image, source_matching=source_matching, target_modality=target_modality,  # type: ignore[arg-type]
                                  postprocessing=post).labelmap
 
+    out = Path(out_dir)
+    partial = _Partial(out / PARTIAL_DIR, _settings_key(
+        package, post=post.cli_value(), padding_mode=segmenter.padding_mode, perturbations=[p.name for p in perts],
+        seed=seed, source_matching=source_matching, target_modality=target_modality,
+        device=str(segmenter.device), precision=segmenter.precision, dataset=dataset.name))
+    resumed: list[str] = []
     for case in chosen:
+        kept = partial.rows(case.id)
+        if kept is not None:
+            rows.extend(kept)
+            resumed.append(case.id)
+            log(f"{case.id}: kept from an interrupted run with the same model and settings ({partial.folder})")
+            continue
+        case_rows: list[dict] = []
         image = read_volume(case.image)
         reference = read_label_map(case.label)
         t = time.perf_counter()
@@ -139,7 +196,7 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
         unperturbed = _rows_for(pred0, reference, pred0, names)
         organ_ml = {int(r["label"]): r["organ_ml"] for r in unperturbed}
         for r in unperturbed:
-            rows.append(dict(r, case=case.id, perturbation=UNPERTURBED, seconds=time.perf_counter() - t))
+            case_rows.append(dict(r, case=case.id, perturbation=UNPERTURBED, seconds=time.perf_counter() - t))
         for p in perts:
             t = time.perf_counter()
             img_p, ref_p = p.apply(image, reference, case_seed(case.id, seed))
@@ -147,8 +204,10 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
             same_grid = img_p.geometry.almost_equal(image.geometry, 1e-6) and img_p.shape == image.shape
             baseline = pred0 if same_grid else follow_labels(pred0, img_p.geometry, img_p.shape)
             for r in _rows_for(pred, ref_p, baseline, names, organ_ml):
-                rows.append(dict(r, case=case.id, perturbation=p.name, seconds=time.perf_counter() - t))
+                case_rows.append(dict(r, case=case.id, perturbation=p.name, seconds=time.perf_counter() - t))
             del img_p, ref_p, pred, baseline
+        partial.keep(case.id, case_rows)
+        rows.extend(case_rows)
         mean = np.nanmean([r["dice"] for r in rows if r["case"] == case.id and r["perturbation"] == UNPERTURBED])
         log(f"{case.id}: unperturbed mean Dice {mean:.3f}; " + ", ".join(
             f"{p.name} {np.nanmean([r['dice'] for r in rows if r['case'] == case.id and r['perturbation'] == p.name]):.2f}"
@@ -163,15 +222,15 @@ def run_robustness(model: str | os.PathLike[str], dataset_dir: str | os.PathLike
         "device": str(segmenter.device), "precision": segmenter.precision, "postprocessing": post.cli_value(),
         "source_matching": source_matching, "padding_mode": segmenter.padding_mode,
         "card_padding_mode": package.card.inference.padding_mode, "seed": seed, "date": _dt.date.today().isoformat(),
-        "machine": _machine(), "seconds": round(time.perf_counter() - t_start, 1),
+        "machine": _machine(), "seconds": round(time.perf_counter() - t_start, 1), "resumed_cases": resumed,
         "command": command or "python -m train robustness " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     }
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "rows.csv")
     result = {"meta": meta, "rows": rows}
     with atomic_output(out / RESULT_FILE) as tmp:
         Path(tmp).write_text(json.dumps(result, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    partial.discard()  # the complete result holds every case now
     log(f"{package.id} on {dataset.name}: {len(chosen)} cases × {len(perts) + 1} settings in {meta['seconds']} s; "
         f"results in {out}")
     return result
