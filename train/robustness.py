@@ -19,10 +19,11 @@ slab. Next to each perturbed Dice it records
 
 It writes ``DIR/robustness.json`` (meta + rows) and ``DIR/rows.csv``. Each finished case is kept in
 ``DIR/partial/`` until the run completes, keyed on what decides its rows (the card's measured fields,
-clean-up, padding, perturbations, seed, source matching, device and precision): a run that stopped — a
-cardiac release's robustness step is ≈ 25 min per domain on a 2-core CPU, longer than what a session has
-left — resumes at the first unfinished case when it is run again with the same settings. ``python -m train robustness
---report DIR [DIR …] --markdown docs/robustness.md --figures docs/figures`` turns any number of such
+clean-up, padding, perturbations, seed, source matching, device and precision): a run that stopped — the
+cardiac model's sliding window takes ≈ 5 min per case and its 14 perturbations on a 2-core CPU — resumes
+at the first unfinished case when it is run again with the same settings.
+
+``python -m train robustness --report DIR [DIR …] --markdown docs/robustness.md --figures docs/figures`` turns any number of such
 folders into one Markdown report with one figure per model (``robustness_<model>.png``), an overview
 against the bar a released model must clear (:func:`bar_failures`) and, with ``--previous DIR …``, an
 earlier version's run on the same cases beside each result; the report depends only on the JSON
@@ -35,11 +36,11 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import shutil
 import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import time
 from collections import defaultdict
