@@ -23,8 +23,9 @@ clean-up, padding, perturbations, seed, source matching, device and precision): 
 cardiac model's sliding window takes ≈ 5 min per case and its 14 perturbations on a 2-core CPU — resumes
 at the first unfinished case when it is run again with the same settings.
 
-``python -m train robustness --report DIR [DIR …] --markdown docs/robustness.md --figures docs/figures`` turns any number of such
-folders into one Markdown report with one figure per model (``robustness_<model>.png``), an overview
+``python -m train robustness --report DIR [DIR …] --markdown docs/robustness.md --figures docs/figures``
+turns any number of such folders into one Markdown report with one figure per model
+(``robustness_<model>.png``), an overview
 against the bar a released model must clear (:func:`bar_failures`) and, with ``--previous DIR …``, an
 earlier version's run on the same cases beside each result; the report depends only on the JSON
 files, so regenerating it from the same results gives the same bytes.
