@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import os
 import shutil
 
 import pytest
@@ -95,9 +97,15 @@ def test_release_measures_into_the_staged_card(release_setup):
 
 def test_rerun_keeps_what_was_measured_and_remeasures_what_a_changed_card_voids(release_setup):
     plan, summary, _, _ = release_setup
+    # measured on another day: a rerun that keeps the evaluations keeps the day they were measured
+    measured = datetime.datetime(2026, 1, 2, 12, tzinfo=datetime.timezone.utc).timestamp()
+    for kind in ("in_domain", "cross_domain"):
+        os.utime(plan.staging / "eval" / kind / "summary.json", (measured, measured))
     logs: list[str] = []
     again = run_release(plan, log=logs.append)
     assert again == summary
+    note = json.loads((plan.package / MODEL_JSON).read_text(encoding="utf-8"))["metrics"]["note"]
+    assert "python -m train release on 2026-01-02 on this package" in note, note
     assert all("kept" in line for line in logs if line.startswith("[release]") and "staged" not in line)
     # a different clean-up in the card changes what the evaluations measured: they run again
     before = card_fingerprint(plan.package)
@@ -133,6 +141,23 @@ def test_install_swaps_the_verified_package_in(release_setup):
     installed = load_package(target)
     assert installed.card.version == "0.0.2" and installed.card.metrics
     assert sorted(p.name for p in bundled.iterdir()) == ["tiny-ct"]  # no temporary or old folder left
+    # a rerun after the install (to install again, or to mend the card) finds the release itself bundled:
+    # the previous version's evaluations stay as measured, the report still compares against it
+    previous_files = {kind: plan.staging / "eval" / f"previous_{kind}" / "summary.json"
+                      for kind in ("in_domain", "cross_domain")}
+    before = {kind: (f.read_bytes(), f.stat().st_mtime_ns) for kind, f in previous_files.items()}
+    report_before = json.loads((plan.staging / "release.json").read_text(encoding="utf-8"))
+    rerun = plan_release(plan.run_dir, "0.0.2", plan.cross_domain.dataset.root, staging=plan.staging,
+                         bundled_dir=bundled, robustness_cases=1, perturbations=plan.perturbations, device="cpu")
+    assert rerun.previous is None and rerun.previous_version == "0.0.1"
+    logs: list[str] = []
+    again = run_release(rerun, log=logs.append)
+    assert not any(line.startswith("[release] previous") and line.endswith("…") for line in logs), logs
+    assert any("0.0.1's evaluations are kept" in line for line in logs)
+    assert {kind: (f.read_bytes(), f.stat().st_mtime_ns) for kind, f in previous_files.items()} == before
+    assert again["previous_version"] == "0.0.1"
+    assert again["protocols"]["cross_domain"]["settings"] == report_before["protocols"]["cross_domain"]["settings"]
+    assert set(json.loads((plan.package / MODEL_JSON).read_text(encoding="utf-8"))["metrics"]) == set(installed.card.metrics)
     # a staged card whose version does not match the plan is refused, and the bundled copy stays
     card = (plan.package / MODEL_JSON).read_text(encoding="utf-8")
     (plan.package / MODEL_JSON).write_text(card.replace('"0.0.2"', '"0.0.3"'), encoding="utf-8")

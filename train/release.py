@@ -18,7 +18,8 @@ Until now a release was a hand-kept shell script in the git-ignored ``runs/`` (a
    without source matching), through the card's clean-up;
 4. **robustness** (:mod:`train.robustness`) on the first cases of both;
 5. **previous**: the currently bundled version of the same id through the same two evaluations, so
-   the release report compares like with like;
+   the release report compares like with like (once this release is installed, a rerun keeps those
+   evaluations and never measures the release against itself);
 6. **card metrics** from the evaluations (keys reused from the previous card where the protocol is the
    same, so the history of a key stays one protocol), and the card's **field of view** from the
    robustness slabs (:func:`train.robustness.field_of_view_limits`: the thin-view warning's data);
@@ -87,7 +88,8 @@ class ReleasePlan:
     cross_domain: Protocol
     staging: Path
     bundled_dir: Path  # where the bundled packages live (``--install`` writes here)
-    previous: Path | None  # the bundled package of the same id, if any
+    previous: Path | None  # the bundled package of the same id, if any, unless it is this release installed
+    previous_version: str | None = None  # its version (kept from the staging's report once this one is installed)
     robustness_cases: int = 3
     perturbations: list[str] | None = None
     device: str = "cpu"
@@ -116,6 +118,23 @@ def _finished_iteration(run_dir: Path) -> tuple[TrainConfig, int]:
 def _bundled_package(model_id: str, bundled_dir: Path) -> Path | None:
     folder = bundled_dir / model_id
     return folder if (folder / MODEL_JSON).is_file() else None
+
+
+def _previous_version(model_id: str, version: str, bundled_dir: Path, staging: Path) -> tuple[Path | None, str | None]:
+    """The version to measure beside this one: the bundled package of the same id — unless that *is* this
+    release, installed by an earlier call (same version or same weights). Then the earlier version's
+    evaluations in the staging folder are what the report keeps, and nothing is measured against the
+    release itself (which would overwrite them with the new model's numbers)."""
+    bundled = _bundled_package(model_id, bundled_dir)
+    if bundled is None:
+        return None, None
+    card = json.loads((bundled / MODEL_JSON).read_text(encoding="utf-8"))
+    staged = staging / model_id / MODEL_JSON
+    staged_sha = json.loads(staged.read_text(encoding="utf-8"))["weights"]["sha256"] if staged.is_file() else None
+    if card.get("version") != version and card["weights"]["sha256"] != staged_sha:
+        return bundled, card.get("version")
+    report = staging / "release.json"
+    return None, json.loads(report.read_text(encoding="utf-8")).get("previous_version") if report.is_file() else None
 
 
 def plan_release(run_dir: str | os.PathLike[str], version: str, cross_domain: str | os.PathLike[str],
@@ -155,11 +174,12 @@ def plan_release(run_dir: str | os.PathLike[str], version: str, cross_domain: st
         dirs = default_bundled_dirs()
         bundled_dir = dirs[0] if dirs else Path("Resources/Models")
     staging = Path(staging) if staging else Path("runs/release") / f"{model_id}-{version}"
+    previous, previous_version = _previous_version(model_id, version, Path(bundled_dir), staging)
     return ReleasePlan(run_dir=run_dir, model_id=model_id, version=version, own=own, choose_split=choose,
                        in_domain=Protocol("in_domain", own, in_domain_split, "off"),
                        cross_domain=Protocol("cross_domain", other, cross_split, "both"),
                        staging=staging, bundled_dir=Path(bundled_dir),
-                       previous=_bundled_package(model_id, Path(bundled_dir)),
+                       previous=previous, previous_version=previous_version,
                        robustness_cases=robustness_cases, perturbations=perturbations, device=device)
 
 
@@ -272,18 +292,23 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
                                                     cases=plan.robustness_cases, perturbations=plan.perturbations,
                                                     device=plan.device, log=log,
                                                     command=f"python -m train release {plan.run_dir} (staged)"), log)
-    previous_metrics: dict[str, Any] = {}
+    # the card keys continue the previous card's; once installed, the staged card carries those same keys
+    keys_from = plan.previous if plan.previous is not None else plan.package
+    previous_metrics: dict[str, Any] = json.loads((keys_from / MODEL_JSON).read_text(encoding="utf-8")).get("metrics") or {}
     if plan.previous is not None:
         prev_fp = card_fingerprint(plan.previous)
-        previous_metrics = json.loads((plan.previous / MODEL_JSON).read_text(encoding="utf-8")).get("metrics") or {}
         for proto in (plan.in_domain, plan.cross_domain):
             out = evals / f"previous_{proto.kind}"
             _step(plan, f"previous {proto.kind}", settings(proto, card=prev_fp), out / "summary.json",
                   lambda p=proto, o=out: evaluate_model(plan.previous, p.dataset.root, o, split=p.split,
                                                         sm=p.sm, device=plan.device, log=log), log)
+    elif plan.previous_version is not None:
+        log(f"[release] previous: {plan.model_id} {plan.version} is the bundled package now (installed); "
+            f"{plan.previous_version}'s evaluations are kept as measured before")
     keys = {metric_key(p, previous_metrics): evals / p.kind for p in (plan.in_domain, plan.cross_domain)}
     note = (f"{iteration} iterations ({config.augmentation}, recipe of {plan.run_dir.name}); measured with "
-            f"python -m train release on {_dt.date.today().isoformat()} on this package (float16 weights), "
+            f"python -m train release on {_measured_on([p / 'summary.json' for p in keys.values()])} on this "
+            f"package (float16 weights), "
             f"the card's inference strategy and clean-up; in-domain without source matching, cross-domain with "
             f"and without. Strategy and clean-up were chosen on the {plan.choose_split} cases of {plan.own.name}.")
     robustness_runs = [plan.staging / "robustness" / p.kind for p in (plan.in_domain, plan.cross_domain)]
@@ -303,6 +328,14 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
 
 # ------------------------------------------------------------------------------------ the report
 
+def _measured_on(summaries: list[Path]) -> str:
+    """The day the evaluations behind the card's metrics finished (UTC; the latest of their summaries'
+    modification times), not the day of this call: a release rerun to install keeps its measured steps,
+    and the card must not date them anew."""
+    latest = max(path.stat().st_mtime for path in summaries)
+    return _dt.datetime.fromtimestamp(latest, _dt.timezone.utc).date().isoformat()
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -320,15 +353,14 @@ def release_summary(plan: ReleasePlan, keys: dict[str, Path]) -> dict:
     evals = plan.staging / "eval"
     out: dict[str, Any] = {"model": plan.model_id, "version": plan.version, "package": str(plan.package),
                            "previous_version": None, "protocols": {}, "robustness": {}}
-    if plan.previous is not None:
-        out["previous_version"] = _read_json(plan.previous / MODEL_JSON).get("version")
+    out["previous_version"] = plan.previous_version
     for key, folder in keys.items():
         kind = folder.name
         new = _read_json(folder / "summary.json")
         entry = {"key": key, "dataset": new["dataset"], "split": new["split"], "cases": new["cases"],
                  "postprocessing": new.get("postprocessing"), "inference": new.get("inference"), "settings": {}}
         prev_file = evals / f"previous_{kind}" / "summary.json"
-        prev = _read_json(prev_file) if prev_file.is_file() and plan.previous is not None else None
+        prev = _read_json(prev_file) if prev_file.is_file() and plan.previous_version is not None else None
         for name, label in SETTINGS.items():
             dice = _mean(new, label)
             if dice is None:
