@@ -515,7 +515,7 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
 
 def test_bundled_packages_stand_in_only_for_their_own_cells(tmp_path):
     """The zoo packages' cards carry their training configuration: the CT and MR models (recipe v2) are
-    their v2 SRC cells and not the v1 ones, the cardiac model its v1 SRC cell; a package of the
+    their v2 SRC cells and not the v1 ones, and so is the cardiac model since 0.3.0; a package of the
     optimiser's weights (as MR 0.2.0 was: objective changed mid-run) is refused."""
     from train import ablation
 
@@ -523,7 +523,9 @@ def test_bundled_packages_stand_in_only_for_their_own_cells(tmp_path):
     assert ablation.check_package(ablation.find("ct2mr-v2-src"), models / "abdomen-ct-srcsm").id == "abdomen-ct-srcsm"
     with pytest.raises(ValueError, match="iterations"):
         ablation.check_package(ablation.find("ct2mr-src"), models / "abdomen-ct-srcsm")
-    assert ablation.check_package(ablation.find("bssfp2lge-src"), models / "cardiac-bssfp-srcsm")
+    assert ablation.check_package(ablation.find("bssfp2lge-v2-src"), models / "cardiac-bssfp-srcsm").id == "cardiac-bssfp-srcsm"
+    with pytest.raises(ValueError, match="iterations"):
+        ablation.check_package(ablation.find("bssfp2lge-src"), models / "cardiac-bssfp-srcsm")
     assert ablation.check_package(ablation.find("mr2ct-v2-src"), models / "abdomen-mr-srcsm").id == "abdomen-mr-srcsm"
     with pytest.raises(ValueError, match="iterations"):
         ablation.check_package(ablation.find("mr2ct-src"), models / "abdomen-mr-srcsm")

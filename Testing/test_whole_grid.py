@@ -128,10 +128,13 @@ def _dice(pred: np.ndarray, ref: np.ndarray, values=(1, 2, 3)) -> float:
     return float(np.mean([2 * ((pred == v) & (ref == v)).sum() / ((pred == v).sum() + (ref == v).sum()) for v in values]))
 
 
-def test_one_pass_on_a_real_cine_stack_is_at_least_as_accurate(shared_data):
-    """The bundled cardiac model on a real oblique validation stack: one pass over its 2 mm world grid
-    instead of the 80³ windows keeps the labels in the input grid and is no less accurate (measured on
-    all 10 validation stacks: docs/benchmarks.md)."""
+def test_both_strategies_keep_a_real_cine_stack_in_its_grid_and_the_card_picks_the_better(shared_data):
+    """The bundled cardiac model on a real oblique validation stack (not trained on): one pass over its
+    2 mm world grid and the 80³ windows both return the labels in the input grid, and the strategy its card
+    names is the more accurate here too. The card's choice was measured on all 10 validation stacks
+    (0.3.0, instance norm: sliding window 0.886, whole grid 0.816; the 0.2.0 network had no normalisation
+    layers and did as well in one pass, docs/benchmarks.md) — this stack must not contradict it, and the
+    one pass, a user's option, must still outline the heart."""
     root = shared_data / "Dataset503_CardiacBSSFP"
     image = read_volume(root / "imagesTr" / "pat_36_0000.nii.gz")
     ref = read_volume(root / "labelsTr" / "pat_36.nii.gz").array
@@ -139,7 +142,10 @@ def test_one_pass_on_a_real_cine_stack_is_at_least_as_accurate(shared_data):
     whole = Segmenter(package, device="cpu", strategy="whole_grid").segment(image, target_modality="MR")
     sliding = Segmenter(package, device="cpu", strategy="sliding_window").segment(image, target_modality="MR")
     assert whole.strategy == "whole_grid" and sliding.strategy == "sliding_window"
-    assert whole.labelmap.geometry == image.geometry
-    d_whole, d_sliding = _dice(whole.labelmap.array, ref), _dice(sliding.labelmap.array, ref)
-    assert d_whole >= 0.85, d_whole
-    assert d_whole >= d_sliding - 0.005, (d_whole, d_sliding)
+    assert whole.labelmap.geometry == image.geometry and sliding.labelmap.geometry == image.geometry
+    scores = {"whole_grid": _dice(whole.labelmap.array, ref), "sliding_window": _dice(sliding.labelmap.array, ref)}
+    chosen = package.card.inference.strategy
+    other = next(name for name in scores if name != chosen)
+    assert scores[chosen] >= 0.85, scores
+    assert scores[chosen] >= scores[other] - 0.005, (chosen, scores)
+    assert scores["whole_grid"] >= 0.75, scores

@@ -122,14 +122,21 @@ def _text_tree(value: Any, indent: str) -> list[str]:
     for key, v in value.items():
         name = _key_text(key)
         if isinstance(v, dict) and v and all(not isinstance(x, (dict, list)) for x in v.values()) and len(v) <= 6:
-            lines.append(f"{indent}{name}: " + ", ".join(f"{_key_text(k)} {_text_value(x)}" for k, x in v.items()))
+            lines.extend(_wrapped(f"{name}: " + ", ".join(f"{_key_text(k)} {_text_value(x)}" for k, x in v.items()),
+                                  indent))
         elif isinstance(v, dict):
             lines.append(f"{indent}{name}:")
             lines.extend(_text_tree(v, indent + "  ") if v else [f"{indent}  none recorded"])
         else:
-            lines.extend(textwrap.wrap(f"{name}: {_text_value(v)}", 100, initial_indent=indent,
-                                       subsequent_indent=indent + "  "))
+            lines.extend(_wrapped(f"{name}: {_text_value(v)}", indent))
     return lines
+
+
+def _wrapped(text: str, indent: str = "  ") -> list[str]:
+    """One field of the text card, wrapped at 100 columns; continuation lines indented two more, so a
+    terminal or a log shows each field as a block, whatever its length (descriptions, chosen-by texts)."""
+    return textwrap.wrap(text, 100, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def inference_text(card: ModelCard) -> str:
@@ -151,31 +158,30 @@ def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None)
     out = [f"{card.name}", f"  id {card.id}, version {card.version}"
            + (f" ({origin}{', ' + str(path) if path else ''})" if origin else ""),
            "", *textwrap.wrap(card.description, 100, initial_indent="  ", subsequent_indent="  "), "",
-           f"  anatomy:     {card.anatomy}",
-           f"  trained on:  {source_text(card)} — source matching maps other images onto this",
-           "  labels:      " + ", ".join(f"{lab.value} {lab.name}" for lab in card.labels.labels),
-           f"  model grid:  {spacing} mm, patch {' × '.join(map(str, card.patch_size))}, "
-           f"network {card.network.architecture}",
-           f"  inference:   {inference_text(card)}"
-           + (f" ({card.inference.chosen_by})" if getattr(card.inference, "chosen_by", None) else ""),
-           *textwrap.wrap(f"padding:     {card.inference.padding_mode} ({card.inference.padding_chosen_by})", 100,
-                          initial_indent="  ", subsequent_indent="    ")
+           *_wrapped(f"anatomy:     {card.anatomy}"),
+           *_wrapped(f"trained on:  {source_text(card)} — source matching maps other images onto this"),
+           *_wrapped("labels:      " + ", ".join(f"{lab.value} {lab.name}" for lab in card.labels.labels)),
+           *_wrapped(f"model grid:  {spacing} mm, patch {' × '.join(map(str, card.patch_size))}, "
+                     f"network {card.network.architecture}"),
+           *_wrapped(f"inference:   {inference_text(card)}"
+                     + (f" ({card.inference.chosen_by})" if getattr(card.inference, "chosen_by", None) else "")),
+           *_wrapped(f"padding:     {card.inference.padding_mode} ({card.inference.padding_chosen_by})")
            * bool(getattr(card.inference, "padding_chosen_by", None)),
-           f"  training:    {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
-           f"{card.provenance.date}",
-           f"  licence:     {card.license}"]
+           *_wrapped(f"training:    {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
+                     f"{card.provenance.date}"),
+           *_wrapped(f"licence:     {card.license}")]
     post = getattr(card, "postprocessing", None)
     if post is not None:
-        out.append(f"  default clean-up: {post.describe()}" + (f" ({post.chosen_by})" if post.chosen_by else ""))
+        out += _wrapped(f"default clean-up: {post.describe()}" + (f" ({post.chosen_by})" if post.chosen_by else ""))
     for d in card.training_data:
-        out.append(f"  data:        {d.name}" + (f", {d.cases} cases" if d.cases else "") + f" — terms: {d.terms}")
+        out += _wrapped(f"data:        {d.name}" + (f", {d.cases} cases" if d.cases else "") + f" — terms: {d.terms}")
     stats = card.training_label_stats
     if stats is not None:
-        out.append(f"  training label volumes ({stats.cases} cases): " + "; ".join(
+        out += _wrapped(f"training label volumes ({stats.cases} cases): " + "; ".join(
             f"{name} {s.volume_ml[0]:.0f}–{s.volume_ml[1]:.0f} ml" for name, s in stats.labels.items()))
     fov = getattr(card, "field_of_view", None)
     if fov is not None:
-        out += textwrap.wrap(f"field of view: {fov.summary()}", 100, initial_indent="  ", subsequent_indent="    ")
+        out += _wrapped(f"field of view: {fov.summary()}")
     out += ["", "  measured accuracy:"] + (_text_tree(card.metrics, "    ") or ["    none recorded"])
     out += ["", "  expected time and memory:"] + (_text_tree(card.performance, "    ") or ["    none recorded"])
     return "\n".join(out)
