@@ -366,7 +366,8 @@ def test_models_info_is_a_readable_card(tmp_path):
     words = " ".join(heart.split())
     assert "inference: sliding window of 80 × 80 × 80 voxels, 50% overlap, gaussian blending" in words
     assert "whole_grid: best Dice 0.816" in words and "sliding_window: best Dice 0.886" in words
-    assert "default clean-up: no clean-up (python -m train choose-postprocessing on 10 Dataset503_CardiacBSSFP" in words
+    assert ("default clean-up: no clean-up (python -m train choose-postprocessing on 10 "
+            "Dataset503_CardiacBSSFP") in words
 
 
 def test_match_says_what_it_wrote(tmp_path, shared_data):

@@ -148,7 +148,8 @@ def test_install_swaps_the_verified_package_in(release_setup):
     before = {kind: (f.read_bytes(), f.stat().st_mtime_ns) for kind, f in previous_files.items()}
     report_before = json.loads((plan.staging / "release.json").read_text(encoding="utf-8"))
     rerun = plan_release(plan.run_dir, "0.0.2", plan.cross_domain.dataset.root, staging=plan.staging,
-                         bundled_dir=bundled, robustness_cases=1, perturbations=plan.perturbations, device="cpu")
+                         bundled_dir=bundled, robustness_cases=1, perturbations=plan.perturbations,
+                         device="cpu")
     assert rerun.previous is None and rerun.previous_version == "0.0.1"
     logs: list[str] = []
     again = run_release(rerun, log=logs.append)
@@ -156,8 +157,10 @@ def test_install_swaps_the_verified_package_in(release_setup):
     assert any("0.0.1's evaluations are kept" in line for line in logs)
     assert {kind: (f.read_bytes(), f.stat().st_mtime_ns) for kind, f in previous_files.items()} == before
     assert again["previous_version"] == "0.0.1"
-    assert again["protocols"]["cross_domain"]["settings"] == report_before["protocols"]["cross_domain"]["settings"]
-    assert set(json.loads((plan.package / MODEL_JSON).read_text(encoding="utf-8"))["metrics"]) == set(installed.card.metrics)
+    settings_before = report_before["protocols"]["cross_domain"]["settings"]
+    assert again["protocols"]["cross_domain"]["settings"] == settings_before
+    staged_card = json.loads((plan.package / MODEL_JSON).read_text(encoding="utf-8"))
+    assert set(staged_card["metrics"]) == set(installed.card.metrics)
     # a staged card whose version does not match the plan is refused, and the bundled copy stays
     card = (plan.package / MODEL_JSON).read_text(encoding="utf-8")
     (plan.package / MODEL_JSON).write_text(card.replace('"0.0.2"', '"0.0.3"'), encoding="utf-8")

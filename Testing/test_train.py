@@ -523,7 +523,8 @@ def test_bundled_packages_stand_in_only_for_their_own_cells(tmp_path):
     assert ablation.check_package(ablation.find("ct2mr-v2-src"), models / "abdomen-ct-srcsm").id == "abdomen-ct-srcsm"
     with pytest.raises(ValueError, match="iterations"):
         ablation.check_package(ablation.find("ct2mr-src"), models / "abdomen-ct-srcsm")
-    assert ablation.check_package(ablation.find("bssfp2lge-v2-src"), models / "cardiac-bssfp-srcsm").id == "cardiac-bssfp-srcsm"
+    heart = ablation.check_package(ablation.find("bssfp2lge-v2-src"), models / "cardiac-bssfp-srcsm")
+    assert heart.id == "cardiac-bssfp-srcsm"
     with pytest.raises(ValueError, match="iterations"):
         ablation.check_package(ablation.find("bssfp2lge-src"), models / "cardiac-bssfp-srcsm")
     assert ablation.check_package(ablation.find("mr2ct-v2-src"), models / "abdomen-mr-srcsm").id == "abdomen-mr-srcsm"

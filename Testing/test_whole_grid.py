@@ -143,7 +143,8 @@ def test_both_strategies_keep_a_real_cine_stack_in_its_grid_and_the_card_picks_t
     sliding = Segmenter(package, device="cpu", strategy="sliding_window").segment(image, target_modality="MR")
     assert whole.strategy == "whole_grid" and sliding.strategy == "sliding_window"
     assert whole.labelmap.geometry == image.geometry and sliding.labelmap.geometry == image.geometry
-    scores = {"whole_grid": _dice(whole.labelmap.array, ref), "sliding_window": _dice(sliding.labelmap.array, ref)}
+    scores = {"whole_grid": _dice(whole.labelmap.array, ref),
+              "sliding_window": _dice(sliding.labelmap.array, ref)}
     chosen = package.card.inference.strategy
     other = next(name for name in scores if name != chosen)
     assert scores[chosen] >= 0.85, scores

@@ -89,7 +89,7 @@ class ReleasePlan:
     staging: Path
     bundled_dir: Path  # where the bundled packages live (``--install`` writes here)
     previous: Path | None  # the bundled package of the same id, if any, unless it is this release installed
-    previous_version: str | None = None  # its version (kept from the staging's report once this one is installed)
+    previous_version: str | None = None  # its version (from the staging's report once this one is installed)
     robustness_cases: int = 3
     perturbations: list[str] | None = None
     device: str = "cpu"
@@ -120,7 +120,8 @@ def _bundled_package(model_id: str, bundled_dir: Path) -> Path | None:
     return folder if (folder / MODEL_JSON).is_file() else None
 
 
-def _previous_version(model_id: str, version: str, bundled_dir: Path, staging: Path) -> tuple[Path | None, str | None]:
+def _previous_version(model_id: str, version: str, bundled_dir: Path,
+                      staging: Path) -> tuple[Path | None, str | None]:
     """The version to measure beside this one: the bundled package of the same id — unless that *is* this
     release, installed by an earlier call (same version or same weights). Then the earlier version's
     evaluations in the staging folder are what the report keeps, and nothing is measured against the
@@ -130,11 +131,11 @@ def _previous_version(model_id: str, version: str, bundled_dir: Path, staging: P
         return None, None
     card = json.loads((bundled / MODEL_JSON).read_text(encoding="utf-8"))
     staged = staging / model_id / MODEL_JSON
-    staged_sha = json.loads(staged.read_text(encoding="utf-8"))["weights"]["sha256"] if staged.is_file() else None
+    staged_sha = _read_json(staged)["weights"]["sha256"] if staged.is_file() else None
     if card.get("version") != version and card["weights"]["sha256"] != staged_sha:
         return bundled, card.get("version")
     report = staging / "release.json"
-    return None, json.loads(report.read_text(encoding="utf-8")).get("previous_version") if report.is_file() else None
+    return None, _read_json(report).get("previous_version") if report.is_file() else None
 
 
 def plan_release(run_dir: str | os.PathLike[str], version: str, cross_domain: str | os.PathLike[str],
@@ -294,7 +295,7 @@ def run_release(plan: ReleasePlan, log=print) -> dict:
                                                     command=f"python -m train release {plan.run_dir} (staged)"), log)
     # the card keys continue the previous card's; once installed, the staged card carries those same keys
     keys_from = plan.previous if plan.previous is not None else plan.package
-    previous_metrics: dict[str, Any] = json.loads((keys_from / MODEL_JSON).read_text(encoding="utf-8")).get("metrics") or {}
+    previous_metrics: dict[str, Any] = _read_json(keys_from / MODEL_JSON).get("metrics") or {}
     if plan.previous is not None:
         prev_fp = card_fingerprint(plan.previous)
         for proto in (plan.in_domain, plan.cross_domain):

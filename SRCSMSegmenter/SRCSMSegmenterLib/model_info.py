@@ -122,8 +122,8 @@ def _text_tree(value: Any, indent: str) -> list[str]:
     for key, v in value.items():
         name = _key_text(key)
         if isinstance(v, dict) and v and all(not isinstance(x, (dict, list)) for x in v.values()) and len(v) <= 6:
-            lines.extend(_wrapped(f"{name}: " + ", ".join(f"{_key_text(k)} {_text_value(x)}" for k, x in v.items()),
-                                  indent))
+            pairs = ", ".join(f"{_key_text(k)} {_text_value(x)}" for k, x in v.items())
+            lines.extend(_wrapped(f"{name}: {pairs}", indent))
         elif isinstance(v, dict):
             lines.append(f"{indent}{name}:")
             lines.extend(_text_tree(v, indent + "  ") if v else [f"{indent}  none recorded"])
@@ -163,8 +163,8 @@ def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None)
            *_wrapped("labels:      " + ", ".join(f"{lab.value} {lab.name}" for lab in card.labels.labels)),
            *_wrapped(f"model grid:  {spacing} mm, patch {' × '.join(map(str, card.patch_size))}, "
                      f"network {card.network.architecture}"),
-           *_wrapped(f"inference:   {inference_text(card)}"
-                     + (f" ({card.inference.chosen_by})" if getattr(card.inference, "chosen_by", None) else "")),
+           *_wrapped(f"inference:   {inference_text(card)}" + (
+               f" ({card.inference.chosen_by})" if getattr(card.inference, "chosen_by", None) else "")),
            *_wrapped(f"padding:     {card.inference.padding_mode} ({card.inference.padding_chosen_by})")
            * bool(getattr(card.inference, "padding_chosen_by", None)),
            *_wrapped(f"training:    {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
@@ -172,9 +172,11 @@ def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None)
            *_wrapped(f"licence:     {card.license}")]
     post = getattr(card, "postprocessing", None)
     if post is not None:
-        out += _wrapped(f"default clean-up: {post.describe()}" + (f" ({post.chosen_by})" if post.chosen_by else ""))
+        chosen_by = f" ({post.chosen_by})" if post.chosen_by else ""
+        out += _wrapped(f"default clean-up: {post.describe()}{chosen_by}")
     for d in card.training_data:
-        out += _wrapped(f"data:        {d.name}" + (f", {d.cases} cases" if d.cases else "") + f" — terms: {d.terms}")
+        cases = f", {d.cases} cases" if d.cases else ""
+        out += _wrapped(f"data:        {d.name}{cases} — terms: {d.terms}")
     stats = card.training_label_stats
     if stats is not None:
         out += _wrapped(f"training label volumes ({stats.cases} cases): " + "; ".join(
