@@ -360,9 +360,16 @@ def test_models_info_is_a_readable_card(tmp_path):
     assert "training label volumes (21 cases)" in out
     mr = srcsm("models", "info", "abdomen-mr-srcsm", env=env, check_rc=0).stdout
     assert "trained on:  MR (T2)" in mr
-    heart = srcsm("models", "info", "cardiac-bssfp-srcsm", env=env, check_rc=0).stdout
+    # installed as deep as a CI checkout or a Slicer extension folder can be: the card still reads at 100 columns,
+    # only the folder line (a path cannot wrap) is longer, and it names the folder whole
+    deep = tmp_path.joinpath(*["an-extension-folder-nested-deep"] * 4) / "cardiac-bssfp-srcsm"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "Resources" / "Models" / "cardiac-bssfp-srcsm", deep)
+    heart = srcsm("models", "info", "cardiac-bssfp-srcsm", env=dict(env, SRCSM_BUNDLED_MODELS=str(deep.parent)),
+                  check_rc=0).stdout
+    assert f"\n  folder:      {deep}\n" in heart and len(str(deep)) > 100
+    assert "id cardiac-bssfp-srcsm, version 0.3.0 (bundled)\n" in heart
     # the strategy in words and what chose it, wrapped like the rest (words never split across lines)
-    assert max(len(line) for line in heart.splitlines()) <= 100
+    assert max(len(line) for line in heart.splitlines() if str(deep) not in line) <= 100
     words = " ".join(heart.split())
     assert "inference: sliding window of 80 × 80 × 80 voxels, 50% overlap, gaussian blending" in words
     assert "whole_grid: best Dice 0.816" in words and "sliding_window: best Dice 0.886" in words

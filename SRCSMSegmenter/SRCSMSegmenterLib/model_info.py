@@ -155,8 +155,10 @@ def inference_text(card: ModelCard) -> str:
 def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None) -> str:
     """The model card as plain text (``srcsm models info``): the same content as :func:`model_card_html`."""
     spacing = " × ".join(f"{s:g}" for s in card.spacing)
-    out = [f"{card.name}", f"  id {card.id}, version {card.version}"
-           + (f" ({origin}{', ' + str(path) if path else ''})" if origin else ""),
+    # the folder on a line of its own: a path is the one field that cannot wrap, and an install path is as long
+    # as the machine makes it (a CI checkout's made the id line 104 columns)
+    out = [f"{card.name}", f"  id {card.id}, version {card.version}" + (f" ({origin})" if origin else ""),
+           *([f"  folder:      {path}"] if origin and path else []),
            "", *textwrap.wrap(card.description, 100, initial_indent="  ", subsequent_indent="  "), "",
            *_wrapped(f"anatomy:     {card.anatomy}"),
            *_wrapped(f"trained on:  {source_text(card)} — source matching maps other images onto this"),
