@@ -102,7 +102,7 @@ class ReleasePlan:
 
 def card_fingerprint(package_dir: Path) -> str:
     """sha256 over the card fields that decide what a measurement of this package measured."""
-    card = json.loads((Path(package_dir) / MODEL_JSON).read_text(encoding="utf-8"))
+    card = _read_json(Path(package_dir) / MODEL_JSON)
     blob = json.dumps({k: card.get(k) for k in MEASURED_CARD_FIELDS}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -111,7 +111,7 @@ def _finished_iteration(run_dir: Path) -> tuple[TrainConfig, int]:
     state_file = run_dir / "checkpoint.json"
     if not state_file.is_file():
         raise InputError(f"'{run_dir}' has no checkpoint.json: give the output folder of a `python -m train fit` run.")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
+    state = _read_json(state_file)
     return TrainConfig.model_validate(state["config"]), int(state["iteration"])
 
 
@@ -129,7 +129,7 @@ def _previous_version(model_id: str, version: str, bundled_dir: Path,
     bundled = _bundled_package(model_id, bundled_dir)
     if bundled is None:
         return None, None
-    card = json.loads((bundled / MODEL_JSON).read_text(encoding="utf-8"))
+    card = _read_json(bundled / MODEL_JSON)
     staged = staging / model_id / MODEL_JSON
     staged_sha = _read_json(staged)["weights"]["sha256"] if staged.is_file() else None
     if card.get("version") != version and card["weights"]["sha256"] != staged_sha:
