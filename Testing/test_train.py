@@ -562,6 +562,9 @@ def test_ablation_adopts_only_a_run_that_is_the_cell(tmp_path, monkeypatch):
         ablation.adopt(cell, trained("other-method", 3000, augmentation="none"))
     with pytest.raises(ValueError, match="dataset: run trained on Dataset501_AbdomenCT"):
         ablation.adopt(cell, trained("other-data", 3000, dataset=str(ablation.DATA / "Dataset501_AbdomenCT")))
+    with pytest.raises(ValueError, match="init_weights: the run starts from 'Resources/Models/abdomen-mr-srcsm'"):
+        ablation.adopt(cell, trained("fine-tuned", 3000, init_weights="Resources/Models/abdomen-mr-srcsm",
+                                     init_weights_sha256="0" * 64))
     assert not cell.run_dir.exists()
     good = trained("zoo", 3000)
     adopted = ablation.adopt(cell, good)

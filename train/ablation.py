@@ -542,6 +542,12 @@ def _differences(run: Run, config: dict, iteration: int) -> list[str]:
         # is another training (a constant rate, v1, does not care)
         problems.append(f"iterations: the run's {got.get('lr_schedule')} learning-rate schedule spans "
                         f"{got.get('iterations')} iterations, the plan's {expected['iterations']}")
+    if got.get("init_weights") or expected.get("init_weights"):
+        # where a run starts is part of what it learned: a fine-tuned run is not a cell trained from
+        # scratch, and its budget is not the cell's
+        if got.get("init_weights_sha256") != expected.get("init_weights_sha256") or not got.get("init_weights_sha256"):
+            problems.append(f"init_weights: the run starts from {got.get('init_weights')!r}, the plan from "
+                            f"{expected.get('init_weights')!r} (pinned weights must agree)")
     if Path(got["dataset"]).name != Path(expected["dataset"]).name:
         problems.append(f"dataset: run trained on {Path(got['dataset']).name}, the plan needs "
                         f"{Path(expected['dataset']).name}")

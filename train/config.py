@@ -82,6 +82,15 @@ class TrainConfig(BaseModel):
                            "an MR run with GDL alone left the liver as background for 2 000+ iterations while "
                            "kidneys and spleen reached 0.8 validation Dice; the cross-entropy term restores "
                            "a per-voxel gradient")
+    init_weights: str | None = Field(
+        None, description="a model package (folder or .zip) whose weights start the network and its EMA at "
+                          "iteration 0: fine-tuning a released model with a changed recipe (train/init_weights.py). "
+                          "Its network and label table must be the recipe's; the optimiser starts fresh, so keep "
+                          "a warm-up")
+    init_weights_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="the weights init_weights must hold (the card's weights.sha256): a recipe naming a bundled "
+                    "package stays reproducible after that package is replaced by a newer release")
     iterations: int = Field(50_000, ge=1)
     batch_size: int = Field(1, ge=1)
     learning_rate: float = 5e-5
@@ -116,7 +125,9 @@ class TrainConfig(BaseModel):
         """Relative paths in a config file are relative to the current directory unless they only
         exist relative to the file (recipes ship with ``../shared/data`` style paths)."""
         updates = {}
-        for key in ("dataset", "cache_dir", "output_dir"):
+        for key in ("dataset", "cache_dir", "output_dir", "init_weights"):
+            if getattr(self, key) is None:
+                continue
             p = Path(getattr(self, key))
             if not p.is_absolute() and not p.exists() and (base / p).exists():
                 updates[key] = str((base / p).resolve())

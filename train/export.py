@@ -145,7 +145,8 @@ def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, 
         "postprocessing": {"method": "none"},
         "provenance": {
             "augmentation": config.augmentation,
-            "iterations": int(state["iteration"]),
+            # a fine-tuned run's weights saw the package's iterations before its own
+            "iterations": int(state["iteration"]) + int((state.get("init_weights") or {}).get("iterations") or 0),
             "batch_size": config.batch_size * int(state.get("world_size", 1)),
             "date": _dt.date.today().isoformat(),
             "software": f"SRCSMSegmenter {__version__}",
@@ -163,6 +164,8 @@ def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, 
     tensors = {k: v.to(dtypes[weights_dtype]) if v.is_floating_point() else v for k, v in source.items()}
     card["provenance"]["config"]["export_weights_dtype"] = weights_dtype
     card["provenance"]["config"]["export_weights"] = weights
+    if state.get("init_weights"):
+        card["provenance"]["config"]["init_weights_from"] = state["init_weights"]
     out = save_package(card, tensors, destination, overwrite=overwrite)
     log(f"exported {model_id} {version} ({weights} weights, iteration {iteration}) to {out}")
     return out

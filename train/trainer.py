@@ -28,12 +28,14 @@ import torch.nn.functional as F
 
 from SRCSMSegmenterLib.device import autocast, memory_format, resolve_device, resolve_precision
 from SRCSMSegmenterLib.errors import CancelledError, SRCSMError
+from SRCSMSegmenterLib.labels import label_table_from_dataset_labels
 from SRCSMSegmenterLib.normalization import default_normalization, normalize_tensor
 from SRCSMSegmenterLib.network import build_network
 
 from .cache import CachedCase, build_cache, load_cached
 from .config import TrainConfig
 from .datasets import load_dataset
+from .init_weights import load_init_weights
 from .losses import l2_penalty, segmentation_loss, soft_dice_per_class
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
@@ -550,8 +552,21 @@ class Trainer:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.dist.rank + 1)
         self.history: list[dict[str, Any]] = []
         self.dead_monitor = DeadEpisodeMonitor()
+        self.init_info: dict[str, Any] | None = None
         if self.resume and (self.out_dir / CHECKPOINT_WEIGHTS).is_file():
             self._restore()
+        elif cfg.init_weights:
+            self._init_from_package(cfg.init_weights)
+
+    def _init_from_package(self, path: str) -> None:
+        """Network and EMA from a released package's weights (fine-tuning; train/init_weights.py)."""
+        tensors, self.init_info = load_init_weights(
+            path, self.network_spec, label_table_from_dataset_labels(self.dataset.labels),
+            sha256=self.cfg.init_weights_sha256)
+        self.model.load_state_dict(tensors, strict=True)
+        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+        self.log(f"network and EMA start from {self.init_info['id']} {self.init_info['version']} "
+                 f"({self.init_info['iterations']} iterations, weights {self.init_info['weights_sha256'][:12]}…)")
 
     def _restore(self) -> None:
         groups, state = load_checkpoint(self.out_dir)
@@ -567,6 +582,7 @@ class Trainer:
         if gen_state is not None:
             self.gen.set_state(gen_state)
         self.history = state.get("history", [])
+        self.init_info = state.get("init_weights")
         if "dead_monitor" in state:
             self.dead_monitor.load_state_dict(state["dead_monitor"])
         else:  # a checkpoint from before the monitor was saved: at least remember that the run had learned
@@ -593,7 +609,7 @@ class Trainer:
                  "config": self.cfg.model_dump(mode="json"), "network": self.network_spec,
                  "history": self.history[-2000:], "dead_monitor": self.dead_monitor.state_dict(),
                  "precision": self.precision, "device": str(self.device),
-                 "world_size": self.dist.world,
+                 "world_size": self.dist.world, "init_weights": self.init_info,
                  "_tensors": {f"torch{r}": g for r, g in enumerate(gens)}}
         save_checkpoint(self.out_dir, self.model, self.ema, self.optimizer, state)
 
