@@ -99,14 +99,17 @@ def test_weights_other_than_the_pinned_ones_are_refused(tiny_model, tmp_path):
         load_init_weights(tiny_model, spec, card.labels, sha256="0" * 64)
 
 
-def test_the_fine_tuning_recipe_is_v3_from_the_bundled_ct_model():
+@pytest.mark.parametrize("domain", ["ct", "mr"])
+def test_the_fine_tuning_recipe_is_v3_from_the_bundled_model(domain):
     """The v3ft recipe is recipe v3 but for where it starts and how long and fast it trains; it pins the
     weights it starts from (a later release replacing the bundled package makes it refuse, not drift)."""
-    v3, ft = read_recipe(RECIPES / "abdomen_ct_src_v3_cpu.yaml"), read_recipe(RECIPES / "abdomen_ct_src_v3ft_cpu.yaml")
+    v3 = read_recipe(RECIPES / f"abdomen_{domain}_src_v3_cpu.yaml")
+    ft = read_recipe(RECIPES / f"abdomen_{domain}_src_v3ft_cpu.yaml")
     changed = {k for k in v3.keys() | ft.keys() if v3.get(k) != ft.get(k)}
     assert changed == {"init_weights", "init_weights_sha256", "iterations", "learning_rate", "warmup_iterations",
                        "val_every", "output_dir"}
-    cfg = load_config(RECIPES / "abdomen_ct_src_v3ft_cpu.yaml")
-    assert (REPO / cfg.init_weights).is_dir() and cfg.iterations < load_config(
-        RECIPES / "abdomen_ct_src_v3_cpu.yaml").iterations
+    cfg = load_config(RECIPES / f"abdomen_{domain}_src_v3ft_cpu.yaml")
+    assert Path(cfg.init_weights).name == f"abdomen-{domain}-srcsm" and (REPO / cfg.init_weights).is_dir()
+    assert cfg.iterations < load_config(RECIPES / f"abdomen_{domain}_src_v3_cpu.yaml").iterations
+    assert cfg.output_dir != v3["output_dir"]
     assert cfg.learning_rate < v3["learning_rate"] and cfg.warmup_iterations > 0
