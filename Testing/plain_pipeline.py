@@ -53,6 +53,7 @@ def plain_segment(volume: Volume, package: ModelPackage, *, modality: str = "CT"
 
     t0 = time.perf_counter()
     roi = tuple(int(p) for p in reversed(card.patch_size))
+    pad = card.inference.padding_mode
 
     def predictor(patch: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
@@ -61,7 +62,10 @@ def plain_segment(volume: Volume, package: ModelPackage, *, modality: str = "CT"
     with torch.inference_mode():
         probs = sliding_window_inference(torch.from_numpy(x)[None, None], roi, 1, predictor,
                                          overlap=card.inference.overlap, mode=card.inference.blend_mode,
-                                         padding_mode="constant", cval=float(x.min()))[0].numpy()
+                                         # a grid thinner than the window is padded as the card says (torch
+                                         # takes a fill value only for constant padding)
+                                         padding_mode=pad, cval=float(x.min()) if pad == "constant" else 0.0
+                                         )[0].numpy()
     t["network_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -345,6 +345,18 @@ def test_models_info_into_a_closed_pipe_exits_quietly(tmp_path):
     assert err == "", err
 
 
+def test_the_module_card_says_a_model_was_fine_tuned():
+    """The Slicer module's card (HTML) and `srcsm models info` share training_text: a fine-tuned package
+    names the package it started from; one trained from scratch does not."""
+    from SRCSMSegmenterLib.model_info import model_card_html
+    from SRCSMSegmenterLib.modelpackage import load_package
+
+    models = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+    ct, mr = (model_card_html(load_package(models / m).card) for m in ("abdomen-ct-srcsm", "abdomen-mr-srcsm"))
+    assert "src, 14000 iterations (2000 fine-tuning abdomen-ct-srcsm 0.3.0, which had 12000), 2026-12-06" in ct
+    assert "src, 12000 iterations, 2026-12-05" in mr and "fine-tuning" not in mr
+
+
 def test_models_info_is_a_readable_card(tmp_path):
     env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
     env.pop("SRCSM_BUNDLED_MODELS", None)
@@ -356,7 +368,11 @@ def test_models_info_is_a_readable_card(tmp_path):
     measured = card["metrics"]["cross_domain_mr_t2_chaos_all20"]["with_source_matching"]
     # the card's measured numbers, as words
     assert f"mean Dice: {measured['mean_dice']}" in out and f"liver {measured['dice_per_label']['liver']}" in out
-    assert "default clean-up: " in out and "training:    src, 12000 iterations" in out
+    # 0.4.0 fine-tuned 0.3.0: the total, and where it started (not one run from scratch)
+    start = card["provenance"]["config"]["init_weights_from"]
+    assert start["iterations"] == 12000 and card["provenance"]["iterations"] == 14000
+    assert "default clean-up: " in out and \
+        "training:    src, 14000 iterations (2000 fine-tuning abdomen-ct-srcsm 0.3.0, which had 12000)" in out
     assert "training label volumes (21 cases)" in out
     mr = srcsm("models", "info", "abdomen-mr-srcsm", env=env, check_rc=0).stdout
     assert "trained on:  MR (T2)" in mr

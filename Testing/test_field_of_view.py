@@ -246,25 +246,35 @@ def test_another_model_that_held_at_this_thickness_is_named():
     assert models_holding_at(62.0, "CT", "abdomen", cards, "weak") == []  # nothing measured on CT
 
 
-def test_srcsm_segment_names_the_model_that_holds_on_the_thinner_view(tmp_path, mr_case):
-    """A CHAOS MR slab between the bundled MR model's thinnest reliable slab and the CT model's: the CT
-    model warns, and names the MR model as the fix; the MR model itself gives no warning."""
-    image, label = mr_case
-    ct, mr = (load_package(MODELS / m).card for m in ("abdomen-ct-srcsm", "abdomen-mr-srcsm"))
-    held = {c.id: c.field_of_view.limiting_domain("MR").held_from_mm(c.field_of_view.max_dice_loss) for c in (ct, mr)}
-    between = [t for t in (40, 60, 90, 150) if held[mr.id] <= t < held[ct.id]]
-    assert between, f"the bundled models' slabs no longer differ on MR: {held}"
-    slab, _ = _slab_perturbation(between[0]).apply(image, label, 0)
+def test_srcsm_segment_names_the_model_that_holds_on_the_thinner_view(tmp_path, real_case):
+    """A real slab between the two bundled abdomen models' thinnest reliable slabs on its modality (their
+    cards: on CT since CT 0.4.0 — CT held from 60 mm, MR from 150; on MR they hold alike): the weaker model
+    warns and names the stronger as the fix; the stronger gives no warning."""
+    cards = [load_package(MODELS / m).card for m in ("abdomen-ct-srcsm", "abdomen-mr-srcsm")]
+    cases = {"MR": ("Dataset502", "chaos_01"), "CT": ("Dataset501", "sabs_00")}
+    for modality in ("MR", "CT"):
+        held = {c.id: c.field_of_view.limiting_domain(modality).held_from_mm(c.field_of_view.max_dice_loss)
+                for c in cards}
+        strong, weak = sorted(cards, key=lambda c: held[c.id] or float("inf"))
+        between = [t for t in (40, 60, 90, 150) if held[strong.id] is not None and held[strong.id] <= t
+                   < (held[weak.id] or float("inf"))]
+        if between:
+            break
+    assert between, f"the bundled abdomen models' slabs no longer differ on MR or CT: {held}"
+    image_path, label_path, _ = real_case(*cases[modality])
+    slab, _ = _slab_perturbation(between[0]).apply(read_volume(image_path), read_label_map(label_path), 0)
     path = write_volume(slab, tmp_path / "slab.nii.gz")
     env = dict(os.environ, SRCSM_HOME=str(tmp_path / "home"))
     env.pop("SRCSM_BUNDLED_MODELS", None)
     said = {}
-    for model in (ct.id, mr.id):
+    for model in (weak.id, strong.id):
         proc = srcsm("segment", path, tmp_path / f"{model}.seg.nrrd", "--model", model, "--device", "cpu",
                      "--progress", "json", env=env, check_rc=0)
         events = [json.loads(line) for line in proc.stderr.splitlines()]
         said[model] = [e for e in events if e["event"] == "done"][0]["warnings"]
-    assert any(w.startswith("The image covers only") for w in said[ct.id]), said[ct.id]
-    fix = [w for w in said[ct.id] if "better-suited model" in w]
-    assert len(fix) == 1 and f"`--model {mr.id}` held it on MR slabs from {held[mr.id]:g} mm" in fix[0], fix
-    assert not any(w.startswith("The image covers only") or "better-suited" in w for w in said[mr.id]), said[mr.id]
+    assert any(w.startswith("The image covers only") for w in said[weak.id]), said[weak.id]
+    fix = [w for w in said[weak.id] if "better-suited model" in w]
+    assert len(fix) == 1, fix
+    assert f"`--model {strong.id}` held it on {modality} slabs from {held[strong.id]:g} mm" in fix[0], fix
+    assert not any(w.startswith("The image covers only") or "better-suited" in w for w in said[strong.id]), \
+        said[strong.id]

@@ -16,6 +16,7 @@ from SRCSMSegmenterLib.modelpackage import load_package
 
 from train.config import TrainConfig, load_config, read_recipe
 from train.datasets import load_dataset
+from train.export import run_config_of
 from train.init_weights import InitWeightsError, load_init_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ RECIPES = REPO / "train" / "recipes"
 def _config_of(package: Path, tmp_path: Path, **changes) -> TrainConfig:
     """The package's own training config (from its card) retargeted at a new run folder."""
     card = json.loads((package / "model.json").read_text(encoding="utf-8"))
-    cfg = {k: v for k, v in card["provenance"]["config"].items() if not k.startswith("export_")}
+    cfg = run_config_of(card["provenance"]["config"])
     cfg.update(output_dir=str(tmp_path / "finetune"), iterations=4, val_every=0, checkpoint_every=2,
                log_every=1, learning_rate=1e-4, warmup_iterations=0, precision="fp32")
     cfg.update(changes)
@@ -68,6 +69,11 @@ def test_a_run_starts_from_the_package_and_its_export_records_it(tiny_model, tmp
     assert (source["id"], source["version"], source["iterations"]) == ("tiny-ct", "0.0.1", 300)
     assert source["weights_sha256"] == package.card.weights.sha256
     assert card.provenance.config["init_weights"] == str(tiny_model)
+    # the card reads back as the run's config (what the ablation and a rerun compare), the record left out
+    back = TrainConfig.model_validate(run_config_of(card.provenance.config))
+    assert (back.init_weights, back.init_weights_sha256) == (str(tiny_model), package.card.weights.sha256)
+    with pytest.raises(ValueError, match="init_weights_from"):
+        TrainConfig.model_validate(dict(card.provenance.config))
 
 
 def test_a_package_of_another_network_is_refused(tiny_model, tmp_path):
@@ -113,3 +119,12 @@ def test_the_fine_tuning_recipe_is_v3_from_the_bundled_model(domain):
     assert cfg.iterations < load_config(RECIPES / f"abdomen_{domain}_src_v3_cpu.yaml").iterations
     assert cfg.output_dir != v3["output_dir"]
     assert cfg.learning_rate < v3["learning_rate"] and cfg.warmup_iterations > 0
+
+
+def test_the_longer_mr_fine_tune_differs_only_in_length():
+    """``abdomen_mr_src_v3ft2k_cpu.yaml`` is the MR fine-tune run twice as long: same start, rate and
+    warm-up, its own folder (the 1 000-iteration run's results stay where docs/recipe-v2.md says)."""
+    short = load_config(RECIPES / "abdomen_mr_src_v3ft_cpu.yaml").model_dump(mode="json")
+    long = load_config(RECIPES / "abdomen_mr_src_v3ft2k_cpu.yaml").model_dump(mode="json")
+    assert {k for k in short if short[k] != long[k]} == {"iterations", "val_every", "output_dir"}
+    assert (short["iterations"], long["iterations"]) == (1000, 2000)

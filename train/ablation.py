@@ -593,9 +593,11 @@ def check_package(run: Run, package_path: str | os.PathLike[str]):
     is also the mark of a run whose objective changed mid-way (the MR zoo model 0.2.0)."""
     from SRCSMSegmenterLib.modelpackage import load_package
 
+    from .export import run_config_of
+
     package = load_package(package_path)
     prov = package.card.provenance
-    config = {k: v for k, v in prov.config.items() if not k.startswith("export_")}
+    config = run_config_of(prov.config)
     problems = _differences(run, config, prov.iterations) if config else [
         "the card records no training configuration; only packages exported by `python -m train export` "
         "can stand in for a cell"]

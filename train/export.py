@@ -92,6 +92,14 @@ def default_description(config: TrainConfig, dataset: Dataset | None = None) -> 
     return config.model.description or (dataset or load_dataset(config.dataset)).description
 
 
+def run_config_of(card_config: dict[str, Any]) -> dict[str, Any]:
+    """The training run's settings (``TrainConfig``) in a card's ``provenance.config``: without what the
+    export recorded there about the weights it wrote (``export_*``) and where a fine-tune started from
+    (``init_weights_from``: the package's id, version, sha256 and iterations — the run's own settings keep
+    ``init_weights`` and its pin), so a fine-tuned package's card reads back as a config."""
+    return {k: v for k, v in card_config.items() if not k.startswith("export_") and k != "init_weights_from"}
+
+
 def export_run(run_dir: str | Path, destination: str | Path, metrics: dict[str, Any] | None = None,
                performance: dict[str, Any] | None = None, overwrite: bool = False, log=print,
                weights_dtype: str = "float32", version: str | None = None, description: str | None = None,

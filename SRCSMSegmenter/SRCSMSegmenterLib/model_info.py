@@ -139,6 +139,21 @@ def _wrapped(text: str, indent: str = "  ") -> list[str]:
                          break_long_words=False, break_on_hyphens=False)
 
 
+def training_text(card: ModelCard) -> str:
+    """How the weights were trained: appearance augmentation, iterations and date — and for a fine-tune
+    (its card's ``provenance.config.init_weights_from``) which package it started from, so the total is
+    not read as one run from scratch."""
+    prov = card.provenance
+    text = f"{prov.augmentation}, {prov.iterations} iterations"
+    start = (prov.config or {}).get("init_weights_from")
+    if isinstance(start, dict) and start.get("id"):
+        before = start.get("iterations")
+        own = f"{prov.iterations - int(before)} " if isinstance(before, int) and before < prov.iterations else ""
+        text += (f" ({own}fine-tuning {start['id']} {start.get('version') or ''}".rstrip()
+                 + (f", which had {before})" if before else ")"))
+    return f"{text}, {prov.date}"
+
+
 def inference_text(card: ModelCard) -> str:
     """How the network runs over a scan, as the card says (``inference.strategy``)."""
     inf = card.inference
@@ -169,8 +184,7 @@ def model_card_text(card: ModelCard, origin: str = "", path: Path | None = None)
                f" ({card.inference.chosen_by})" if getattr(card.inference, "chosen_by", None) else "")),
            *_wrapped(f"padding:     {card.inference.padding_mode} ({card.inference.padding_chosen_by})")
            * bool(getattr(card.inference, "padding_chosen_by", None)),
-           *_wrapped(f"training:    {card.provenance.augmentation}, {card.provenance.iterations} iterations, "
-                     f"{card.provenance.date}"),
+           *_wrapped(f"training:    {training_text(card)}"),
            *_wrapped(f"licence:     {card.license}")]
     post = getattr(card, "postprocessing", None)
     if post is not None:
@@ -247,8 +261,7 @@ def model_card_html(card: ModelCard | None, origin: str = "", download: Download
         f"<tr><td><b>Trained on</b></td><td>{_e(src)} — source matching maps other images onto this</td></tr>",
         f"<tr><td><b>Model grid</b></td><td>{spacing} mm, patch {' × '.join(map(str, card.patch_size))}</td></tr>",
         f"<tr><td><b>Inference</b></td><td>{_e(inference_text(card))}</td></tr>",
-        (f"<tr><td><b>Training</b></td><td>{_e(card.provenance.augmentation)}, "
-         f"{card.provenance.iterations} iterations, {_e(card.provenance.date)}</td></tr>"),
+        f"<tr><td><b>Training</b></td><td>{_e(training_text(card))}</td></tr>",
         f"<tr><td><b>Licence</b></td><td>{_e(card.license)}</td></tr>",
         (f"<tr><td><b>Field of view</b></td><td>{_e(card.field_of_view.summary())}</td></tr>"
          if getattr(card, "field_of_view", None) is not None else ""),
