@@ -352,9 +352,11 @@ def test_the_module_card_says_a_model_was_fine_tuned():
     from SRCSMSegmenterLib.modelpackage import load_package
 
     models = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-    ct, mr = (model_card_html(load_package(models / m).card) for m in ("abdomen-ct-srcsm", "abdomen-mr-srcsm"))
+    ct, mr, heart = (model_card_html(load_package(models / m).card)
+                     for m in ("abdomen-ct-srcsm", "abdomen-mr-srcsm", "cardiac-bssfp-srcsm"))
     assert "src, 14000 iterations (2000 fine-tuning abdomen-ct-srcsm 0.3.0, which had 12000), 2026-12-06" in ct
-    assert "src, 12000 iterations, 2026-12-05" in mr and "fine-tuning" not in mr
+    assert "src, 14000 iterations (2000 fine-tuning abdomen-mr-srcsm 0.3.0, which had 12000), 2026-12-06" in mr
+    assert "src, 12000 iterations, 2026-12-05" in heart and "fine-tuning" not in heart
 
 
 def test_models_info_is_a_readable_card(tmp_path):

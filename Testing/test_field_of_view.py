@@ -248,8 +248,9 @@ def test_another_model_that_held_at_this_thickness_is_named():
 
 def test_srcsm_segment_names_the_model_that_holds_on_the_thinner_view(tmp_path, real_case):
     """A real slab between the two bundled abdomen models' thinnest reliable slabs on its modality (their
-    cards: on CT since CT 0.4.0 — CT held from 60 mm, MR from 150; on MR they hold alike): the weaker model
-    warns and names the stronger as the fix; the stronger gives no warning."""
+    cards since the 0.4.0 fine-tunes: on MR the MR model held from 40 mm, the CT model from 60; on CT the CT
+    model from 60, the MR model from 90): the weaker model warns and names the stronger as the fix; the
+    stronger gives no warning."""
     cards = [load_package(MODELS / m).card for m in ("abdomen-ct-srcsm", "abdomen-mr-srcsm")]
     cases = {"MR": ("Dataset502", "chaos_01"), "CT": ("Dataset501", "sabs_00")}
     for modality in ("MR", "CT"):

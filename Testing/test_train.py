@@ -514,38 +514,37 @@ def test_ablation_advance_trains_evaluates_and_records(tmp_path, monkeypatch, sh
 
 
 def test_bundled_packages_stand_in_only_for_their_own_cells(tmp_path):
-    """The zoo packages' cards carry their training configuration: the MR model (recipe v2) is its v2 SRC
-    cell and not the v1 one, and so is the cardiac model since 0.3.0; the CT model since 0.4.0 is a
-    fine-tune of 0.3.0 (recipe v3 from its weights), no cell at all — the cell keeps 0.3.0's recorded
-    evaluation, of the very weights 0.4.0 started from. A package of the optimiser's weights (as MR 0.2.0
-    was: objective changed mid-run) is refused."""
+    """The zoo packages' cards carry their training configuration: the cardiac model (recipe v2, since
+    0.3.0) is its v2 SRC cell and not the v1 one; the CT and MR models since 0.4.0 are fine-tunes of their
+    0.3.0 (recipe v3 from its weights), no cell at all — each cell keeps 0.3.0's recorded evaluation, of the
+    very weights 0.4.0 started from. A package of the optimiser's weights (as MR 0.2.0 was: objective
+    changed mid-run) is refused."""
     from train import ablation
 
     models = REPO / "Resources" / "Models"
-    ct = models / "abdomen-ct-srcsm"
-    with pytest.raises(ValueError, match=r"not the ablation cell ct2mr-v2-src:[\s\S]*init_weights: the run starts from"):
-        ablation.check_package(ablation.find("ct2mr-v2-src"), ct)
-    with pytest.raises(ValueError, match="iterations"):
-        ablation.check_package(ablation.find("ct2mr-src"), ct)
-    recorded = ablation.result(ablation.find("ct2mr-v2-src"))["provenance"]
-    started_from = load_package(ct).card.provenance.config["init_weights_from"]
-    assert (recorded["kind"], recorded["package"], recorded["version"]) == ("adopted package", "abdomen-ct-srcsm", "0.3.0")
-    assert (started_from["id"], started_from["version"]) == ("abdomen-ct-srcsm", "0.3.0")
-    assert started_from["weights_sha256"] == recorded["weights_sha256"] != load_package(ct).card.weights.sha256
+    for cell, v1, model in (("ct2mr-v2-src", "ct2mr-src", "abdomen-ct-srcsm"),
+                            ("mr2ct-v2-src", "mr2ct-src", "abdomen-mr-srcsm")):
+        package = models / model
+        with pytest.raises(ValueError, match=rf"not the ablation cell {cell}:[\s\S]*init_weights: the run starts from"):
+            ablation.check_package(ablation.find(cell), package)
+        with pytest.raises(ValueError, match="iterations"):
+            ablation.check_package(ablation.find(v1), package)
+        recorded = ablation.result(ablation.find(cell))["provenance"]
+        started_from = load_package(package).card.provenance.config["init_weights_from"]
+        assert (recorded["kind"], recorded["package"], recorded["version"]) == ("adopted package", model, "0.3.0")
+        assert (started_from["id"], started_from["version"]) == (model, "0.3.0")
+        assert started_from["weights_sha256"] == recorded["weights_sha256"] != load_package(package).card.weights.sha256
     heart = ablation.check_package(ablation.find("bssfp2lge-v2-src"), models / "cardiac-bssfp-srcsm")
     assert heart.id == "cardiac-bssfp-srcsm"
     with pytest.raises(ValueError, match="iterations"):
         ablation.check_package(ablation.find("bssfp2lge-src"), models / "cardiac-bssfp-srcsm")
-    assert ablation.check_package(ablation.find("mr2ct-v2-src"), models / "abdomen-mr-srcsm").id == "abdomen-mr-srcsm"
-    with pytest.raises(ValueError, match="iterations"):
-        ablation.check_package(ablation.find("mr2ct-src"), models / "abdomen-mr-srcsm")
-    raw = tmp_path / "abdomen-mr-srcsm"
-    shutil.copytree(models / "abdomen-mr-srcsm", raw)
+    raw = tmp_path / "cardiac-bssfp-srcsm"
+    shutil.copytree(models / "cardiac-bssfp-srcsm", raw)
     card = json.loads((raw / "model.json").read_text(encoding="utf-8"))
     card["provenance"]["config"]["export_weights"] = "raw"
     (raw / "model.json").write_text(json.dumps(card, indent=1), encoding="utf-8")
     with pytest.raises(ValueError, match="'raw' weights"):
-        ablation.check_package(ablation.find("mr2ct-v2-src"), raw)
+        ablation.check_package(ablation.find("bssfp2lge-v2-src"), raw)
     with pytest.raises(ValueError, match="dataset: run trained on Dataset501_AbdomenCT"):
         ablation.check_package(ablation.find("bssfp2lge-src"), models / "abdomen-ct-srcsm")
 
